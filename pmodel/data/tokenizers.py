@@ -1,0 +1,624 @@
+"""Tokenizers behind one interface.
+
+Four backends, all exposing the same :class:`Tokenizer` surface
+(``encode``, ``encode_continuation``, ``decode``, ``bos_id``, ``eos_id``, ``pad_id``,
+``special_tokens``, ``vocab_size``):
+
+* :class:`SentencePieceTokenizer` -- SentencePiece ``.model`` files (LLaMA-1/2, Mistral,
+  InternLM, stories260K, ...). SentencePiece itself is the reference.
+* :class:`BPERankTokenizer` -- tiktoken-style rank files (``base64(token) rank`` per line):
+  Llama-3 ``tokenizer.model`` and Qwen ``qwen.tiktoken``. Pure-Python byte-pair merge over
+  ranks with each family's pre-tokenisation regex and special tokens. tiktoken is only a test
+  oracle and is never imported here.
+* :class:`HFTokenizer` -- Hugging Face ``tokenizer.json`` or GPT-2-style ``vocab.json`` +
+  ``merges.txt`` through the ``tokenizers`` package (imported lazily).
+* :class:`ByteTokenizer` -- a dependency-free byte-level tokenizer (256 byte ids, then the
+  special tokens). Used for tests on a fresh clone and for quick experiments.
+
+``encode`` never interprets special-token strings found in the text unless
+``allow_special=True``: user content must not be able to forge control tokens. Chat
+templates insert role markers explicitly (see :mod:`pmodel.data.templates`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+__all__ = [
+    "Tokenizer",
+    "SentencePieceTokenizer",
+    "BPERankTokenizer",
+    "HFTokenizer",
+    "ByteTokenizer",
+    "load_tokenizer",
+    "check_vocab_size",
+    "LLAMA3_PATTERN",
+    "QWEN_PATTERN",
+    "GPT2_PATTERN",
+    "llama3_special_tokens",
+    "qwen_special_tokens",
+]
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """The common tokenizer interface (a base class; use :func:`load_tokenizer`).
+
+    Attributes:
+        vocab_size: number of ids the tokenizer can produce (max id + 1), specials included.
+        bos_id / eos_id / pad_id: ids or ``None`` when the vocabulary has no such token.
+        special_tokens: mapping from special-token string to id (role markers, BOS, EOS...).
+        add_dummy_prefix: whether ``encode`` prepends a word-boundary marker (SentencePiece
+            ``add_dummy_prefix``). Chat templates use it to tokenise segments as in one text.
+        path: the file the tokenizer was loaded from (for error messages).
+    """
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    special_tokens: Mapping[str, int]
+    add_dummy_prefix: bool = False
+    path: str = ""
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+               allow_special: bool = False) -> list[int]:
+        """Encode text to ids.
+
+        Args:
+            text: the text.
+            bos / eos: prepend BOS / append EOS (error if the tokenizer has none).
+            allow_special: recognise special-token strings inside ``text``.
+
+        Returns:
+            The list of token ids.
+        """
+        ids: list[int] = []
+        if bos:
+            ids.append(self._require("bos_id"))
+        if allow_special and self.special_tokens:
+            for chunk, special in _split_special(text, self.special_tokens):
+                if special is not None:
+                    ids.append(special)
+                elif chunk:
+                    ids.extend(self._encode_text(chunk, first=not ids or (bos and len(ids) == 1)))
+        elif text:
+            ids.extend(self._encode_text(text, first=True))
+        if eos:
+            ids.append(self._require("eos_id"))
+        return ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Encode ``text`` as the continuation of a text already encoded.
+
+        Same as ``encode`` except that SentencePiece's dummy prefix is not added, so that
+        tokenising a string segment by segment gives the tokens of the whole string (up to
+        merges across the cut).
+
+        Args:
+            text: the text (no special tokens are recognised).
+
+        Returns:
+            The list of token ids.
+        """
+        return self._encode_text(text, first=False) if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids back to text (special tokens are written out as their strings).
+
+        Args:
+            ids: token ids.
+
+        Returns:
+            The text.
+        """
+        raise NotImplementedError
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _require(self, name: str) -> int:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"tokenizer {self.path or type(self).__name__} has no {name[:-3]} token")
+        return value
+
+    def id_of(self, token: str) -> int | None:
+        """The id of a special token string, or ``None`` if the vocabulary has none."""
+        return self.special_tokens.get(token)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+
+def _split_special(text: str, specials: Mapping[str, int]):
+    """Yield (chunk, None) for plain text and ("", id) for special tokens, longest match first."""
+    import regex
+
+    pattern = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    pos = 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            yield text[pos:m.start()], None
+        yield "", specials[m.group(0)]
+        pos = m.end()
+    if pos < len(text):
+        yield text[pos:], None
+
+
+# ----------------------------------------------------------------------------- SentencePiece
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` (BPE or unigram).
+
+    Special tokens are the CONTROL and USER_DEFINED pieces (e.g. Mistral v3's ``[INST]``=3).
+
+    Args:
+        path: the ``.model`` file.
+    """
+
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+
+        self.path = str(path)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(self.path)
+        except Exception as e:  # sentencepiece raises bare OSError/RuntimeError
+            raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from None
+        n = self._sp.GetPieceSize()
+        self.vocab_size = n
+        self.bos_id = _none_if_neg(self._sp.bos_id())
+        self.eos_id = _none_if_neg(self._sp.eos_id())
+        self.pad_id = _none_if_neg(self._sp.pad_id())
+        specials = {}
+        user_defined = _sentencepiece_user_defined(Path(self.path))
+        for i in range(n):
+            if self._sp.IsControl(i) or i in user_defined:
+                specials[self._sp.IdToPiece(i)] = i
+        self.special_tokens = specials
+        pieces = self._sp.EncodeAsPieces("a")
+        self.add_dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
+        # Continuation trick (as transformers' non-legacy Llama tokenizer): encode a fixed
+        # marker before the text and drop the marker's tokens, so no dummy prefix is added.
+        self._marker = "\n"
+        self._marker_len = len(self._sp.EncodeAsIds(self._marker))
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        if first or not self.add_dummy_prefix:
+            return list(self._sp.EncodeAsIds(text))
+        ids = self._sp.EncodeAsIds(self._marker + text)
+        return list(ids[self._marker_len:])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def piece(self, i: int) -> str:
+        """The piece string of id ``i``."""
+        return self._sp.IdToPiece(int(i))
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _sentencepiece_user_defined(path: Path) -> set[int]:
+    """Ids of USER_DEFINED pieces, read from the ModelProto wire format.
+
+    The sentencepiece Python API has no ``IsUserDefined``; parsing the few fields we need
+    (ModelProto.pieces = 1; SentencePiece.type = 3, USER_DEFINED = 4) avoids a protobuf
+    dependency.
+    """
+    buf = path.read_bytes()
+    pos, index, out = 0, 0, set()
+    try:
+        while pos < len(buf):
+            key, pos = _read_varint(buf, pos)
+            field_no, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _read_varint(buf, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _read_varint(buf, pos)
+                if field_no == 1:
+                    sub, end = pos, pos + length
+                    while sub < end:
+                        k, sub = _read_varint(buf, sub)
+                        f, w = k >> 3, k & 7
+                        if w == 0:
+                            v, sub = _read_varint(buf, sub)
+                            if f == 3 and v == 4:
+                                out.add(index)
+                        elif w == 2:
+                            ln, sub = _read_varint(buf, sub)
+                            sub += ln
+                        elif w == 5:
+                            sub += 4
+                        elif w == 1:
+                            sub += 8
+                        else:
+                            break
+                    index += 1
+                pos += length
+            else:
+                break
+    except IndexError:
+        pass
+    return out
+
+
+def _none_if_neg(i: int) -> int | None:
+    return None if i is None or i < 0 else int(i)
+
+
+# ----------------------------------------------------------------------------- BPE over ranks
+
+
+def llama3_special_tokens(num_base: int = 128000) -> dict[str, int]:
+    """Llama-3's 256 special tokens (llama-models ``tokenizer.py``), after the base ranks."""
+    names = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+        "<|python_tag|>", "<|image|>",
+    ]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    return {n: num_base + i for i, n in enumerate(names)}
+
+
+def qwen_special_tokens(num_base: int = 151643) -> dict[str, int]:
+    """Qwen (v1) special tokens (``tokenization_qwen.py``): endoftext, im_start, im_end, extras."""
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+    return {n: num_base + i for i, n in enumerate(names)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _BPESpec:
+    pattern: str
+    special_tokens: dict[str, int]
+    bos: str | None
+    eos: str | None
+    pad: str | None
+    nfc: bool
+
+
+def _bpe_spec(path: Path, num_ranks: int, family: str) -> _BPESpec:
+    if family == "auto":
+        if path.suffix == ".tiktoken" or num_ranks == 151643:
+            family = "qwen"
+        elif num_ranks == 128000:
+            family = "llama3"
+        else:
+            family = "generic"
+    if family == "llama3":
+        return _BPESpec(pattern=LLAMA3_PATTERN, special_tokens=llama3_special_tokens(num_ranks),
+                        bos="<|begin_of_text|>", eos="<|end_of_text|>",
+                        pad="<|finetune_right_pad_id|>", nfc=False)
+    if family == "qwen":
+        return _BPESpec(pattern=QWEN_PATTERN, special_tokens=qwen_special_tokens(num_ranks),
+                        bos=None, eos="<|endoftext|>", pad="<|endoftext|>", nfc=True)
+    if family == "generic":
+        return _BPESpec(pattern=LLAMA3_PATTERN, special_tokens={}, bos=None, eos=None, pad=None,
+                        nfc=False)
+    raise ValueError(f"{path}: unknown rank-file family {family!r}; expected auto, llama3, qwen or generic")
+
+
+class BPERankTokenizer(Tokenizer):
+    """Byte-level BPE over a tiktoken-style rank file, in pure Python.
+
+    The algorithm is tiktoken's: pre-tokenise with the family regex, then in each piece
+    repeatedly merge the adjacent pair whose concatenation has the lowest rank. A per-word
+    cache (bounded; cleared when full) lives on the instance.
+
+    Args:
+        path: the rank file (``base64(token_bytes) rank`` per line).
+        family: ``"auto"`` (by file name / size), ``"llama3"``, ``"qwen"`` or ``"generic"``.
+        pattern: override the pre-tokenisation regex.
+        special_tokens: override the special tokens (string -> id).
+        cache_size: number of pre-tokenised words to memoise.
+    """
+
+    def __init__(self, path: str | Path, *, family: str = "auto", pattern: str | None = None,
+                 special_tokens: Mapping[str, int] | None = None, cache_size: int = 200_000):
+        import regex
+
+        path = Path(path)
+        self.path = str(path)
+        ranks: dict[bytes, int] = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(
+                        f"{path}:{lineno}: expected 'base64(token) rank', got {line[:60]!r}") from None
+        spec = _bpe_spec(path, len(ranks), family)
+        self._ranks = ranks
+        self._decoder = {r: b for b, r in ranks.items()}
+        self.special_tokens = dict(special_tokens if special_tokens is not None else spec.special_tokens)
+        self._special_decoder = {i: s.encode() for s, i in self.special_tokens.items()}
+        self._pat = regex.compile(pattern or spec.pattern)
+        self._nfc = spec.nfc
+        self.vocab_size = max([len(ranks) - 1, *self.special_tokens.values(), *ranks.values()]) + 1
+        self.bos_id = self.special_tokens.get(spec.bos) if spec.bos else None
+        self.eos_id = self.special_tokens.get(spec.eos) if spec.eos else None
+        self.pad_id = self.special_tokens.get(spec.pad) if spec.pad else None
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache_size = cache_size
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        out: list[int] = []
+        cache, ranks = self._cache, self._ranks
+        for word in self._pat.findall(text):
+            ids = cache.get(word)
+            if ids is None:
+                b = word.encode("utf-8")
+                r = ranks.get(b)
+                ids = (r,) if r is not None else tuple(ranks[p] for p in _byte_pair_merge(b, ranks))
+                if len(cache) >= self._cache_size:
+                    cache.clear()
+                cache[word] = ids
+            out.extend(ids)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        parts = []
+        for i in ids:
+            i = int(i)
+            b = self._decoder.get(i)
+            if b is None:
+                b = self._special_decoder.get(i)
+                if b is None:
+                    raise ValueError(f"{self.path}: id {i} is not in the vocabulary")
+            parts.append(b)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+
+def _byte_pair_merge(piece: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
+    """tiktoken's merge: repeatedly join the adjacent pair with the lowest rank."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (best_rank is None or r < best_rank):
+                best_rank, best_i = r, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer (``tokenizer.json``, or ``vocab.json`` +
+    ``merges.txt`` as GPT-2 byte-level BPE).
+
+    BOS/EOS/PAD come from ``tokenizer_config.json`` / ``special_tokens_map.json`` beside the
+    files when present (a declared token that is not in the vocabulary gives ``None``), and
+    fall back to ``<|endoftext|>`` for EOS when the vocabulary has it.
+
+    Args:
+        path: a ``tokenizer.json`` file, a ``vocab.json`` file, or a folder holding either.
+    """
+
+    def __init__(self, path: str | Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(
+                f"loading {path} needs the 'tokenizers' package: pip install tokenizers") from None
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        tj = folder / "tokenizer.json" if path.is_dir() else path
+        if tj.name == "tokenizer.json" and tj.exists():
+            self.path = str(tj)
+            self._tok = tokenizers.Tokenizer.from_file(str(tj))
+        else:
+            vocab, merges = folder / "vocab.json", folder / "merges.txt"
+            if not (vocab.exists() and merges.exists()):
+                raise FileNotFoundError(f"{path}: expected tokenizer.json or vocab.json + merges.txt")
+            self.path = str(vocab)
+            from tokenizers import decoders, models, pre_tokenizers
+
+            # tokenizers skips a first line only when it starts with '#version' (GPT-2 copies
+            # without the header keep their first merge).
+            bpe = models.BPE.from_file(str(vocab), str(merges))
+            tok = tokenizers.Tokenizer(bpe)
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            tok.decoder = decoders.ByteLevel()
+            self._tok = tok
+        vocab_map = self._tok.get_vocab(with_added_tokens=True)
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        cfg = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = folder / name
+            if p.exists():
+                try:
+                    data = json.loads(p.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{p}: invalid JSON ({e})") from None
+                for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                    v = data.get(k)
+                    if isinstance(v, dict):
+                        v = v.get("content")
+                    if isinstance(v, str) and k not in cfg:
+                        cfg[k] = v
+        specials = dict(added)
+        for k, v in cfg.items():
+            if v in vocab_map:
+                specials[v] = vocab_map[v]
+        if "<|endoftext|>" in vocab_map:
+            specials.setdefault("<|endoftext|>", vocab_map["<|endoftext|>"])
+        self.special_tokens = specials
+        self.bos_id = vocab_map.get(cfg["bos_token"]) if "bos_token" in cfg else None
+        if "eos_token" in cfg:
+            self.eos_id = vocab_map.get(cfg["eos_token"])
+        else:
+            self.eos_id = vocab_map.get("<|endoftext|>")
+        self.pad_id = vocab_map.get(cfg["pad_token"]) if "pad_token" in cfg else None
+        self.vocab_size = max(vocab_map.values()) + 1
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (parallel inside ``tokenizers``; no specials parsed
+        unless the tokenizer.json marks them so)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+class ByteTokenizer(Tokenizer):
+    """Bytes are ids 0..255; special tokens follow (``<s>``, ``</s>``, ``<pad>`` by default).
+
+    Args:
+        specials: extra special-token strings, appended after the defaults.
+    """
+
+    def __init__(self, specials: Sequence[str] = ()):
+        names = ["<s>", "</s>", "<pad>", *[s for s in specials if s not in ("<s>", "</s>", "<pad>")]]
+        self.special_tokens = {s: 256 + i for i, s in enumerate(names)}
+        self._inv = {i: s for s, i in self.special_tokens.items()}
+        self.bos_id, self.eos_id, self.pad_id = 256, 257, 258
+        self.vocab_size = 256 + len(names)
+        self.path = "<bytes>"
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+            else:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+                out.append(self._inv[i])
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+_KINDS = ("auto", "sentencepiece", "tiktoken", "hf", "bytes")
+
+
+def load_tokenizer(path: str | Path | None, *, kind: str = "auto", family: str = "auto",
+                   vocab_size: int | None = None) -> Tokenizer:
+    """Load a tokenizer from a file or a model folder.
+
+    Detection (``kind="auto"``): a folder is searched for ``tokenizer.json``,
+    ``tokenizer.model``, ``*.tiktoken``, ``vocab.json`` + ``merges.txt``, then ``*.model``. A
+    ``.model`` file is SentencePiece when it parses as one, else a rank file; ``.tiktoken`` is
+    a rank file; ``.json`` is Hugging Face.
+
+    Args:
+        path: file or folder (``None`` or ``"bytes"`` with ``kind="bytes"`` gives a ByteTokenizer).
+        kind: ``auto``, ``sentencepiece``, ``tiktoken``, ``hf`` or ``bytes``.
+        family: for rank files: ``auto``, ``llama3``, ``qwen`` or ``generic``.
+        vocab_size: the model's vocabulary size; if given, checked with
+            :func:`check_vocab_size` (clear error on mismatch).
+
+    Returns:
+        A :class:`Tokenizer`.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {_KINDS}")
+    if kind == "bytes" or (path is None and kind == "auto") or str(path) == "bytes":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        if path is None:
+            raise ValueError(f"tokenizer kind {kind!r} needs a path")
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"tokenizer path {p} does not exist")
+        tok = _load_path(p, kind, family)
+    if vocab_size is not None:
+        check_vocab_size(tok, vocab_size)
+    return tok
+
+
+def _load_path(p: Path, kind: str, family: str) -> Tokenizer:
+    if p.is_dir():
+        if kind in ("auto", "hf") and ((p / "tokenizer.json").exists()
+                                       or ((p / "vocab.json").exists() and (p / "merges.txt").exists())):
+            return HFTokenizer(p)
+        candidates = [p / "tokenizer.model", *sorted(p.glob("*.tiktoken")), *sorted(p.glob("*.model"))]
+        for c in candidates:
+            if c.exists():
+                return _load_path(c, kind, family)
+        raise FileNotFoundError(
+            f"{p}: no tokenizer.json, tokenizer.model, *.tiktoken, vocab.json+merges.txt or *.model found")
+    if kind == "hf" or (kind == "auto" and p.suffix == ".json"):
+        return HFTokenizer(p)
+    if kind == "tiktoken":
+        return BPERankTokenizer(p, family=family)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(p)
+    # auto: sniff. A rank file is ASCII lines of "base64 int"; a SentencePiece model is protobuf.
+    with open(p, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0].split()
+    if len(first) == 2 and first[1].isdigit():
+        return BPERankTokenizer(p, family=family)
+    return SentencePieceTokenizer(p)
+
+
+def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raise if the tokenizer can produce ids the model's embedding does not have.
+
+    A model vocabulary larger than the tokenizer's is fine (padded embeddings, e.g. Qwen's
+    151936 for 151851 ids); a smaller one is an error.
+
+    Args:
+        tokenizer: the tokenizer.
+        model_vocab_size: the model's (possibly padded) vocabulary size.
+    """
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"vocabulary mismatch: tokenizer {tokenizer.path} produces ids up to "
+            f"{tokenizer.vocab_size - 1} (vocab_size {tokenizer.vocab_size}) but the model's "
+            f"vocab_size is {model_vocab_size}; use the tokenizer that matches the checkpoint")

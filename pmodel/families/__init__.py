@@ -1,0 +1,140 @@
+"""Model families: presets, the Hugging Face name / layout mapping, chat template.
+
+A :class:`Family` is data plus two small functions (HF config.json <-> :class:`ModelConfig`).
+The decoder itself is shared (:mod:`pmodel.model`); a family module holds only what is unique.
+
+Entry points:
+  ``preset(name)``            -> a :class:`~pmodel.model.Model` (nothing allocated)
+  ``config_from_hf(dir)``     -> ``(family, ModelConfig)`` from an HF ``config.json`` (v4 or v5 style)
+  ``get(name)`` / ``for_hf_type(model_type)`` -> :class:`Family`
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Callable
+
+from ..model import Model, ModelConfig, build
+from ..ops import Kernels
+
+__all__ = ["Family", "preset", "preset_config", "presets", "config_from_hf", "get", "for_hf_type", "names"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+    """One model family.
+
+    Attributes:
+      name: family name (``"llama"``, ``"mistral"``, ``"qwen2"``, ...).
+      hf_model_types: HF ``model_type`` values this family reads.
+      hf_architecture: the ``architectures`` entry written on export.
+      config_from_hf: ``dict -> ModelConfig``.
+      config_to_hf: ``ModelConfig -> dict`` (config.json contents).
+      names: ``(pmodel_path_template, hf_key_template)`` pairs; ``{i}`` is the layer index.
+      chat_template: default chat template name (see :mod:`pmodel.data`).
+      presets: name -> ModelConfig, each citing its source in the family module.
+      ignore_hf_keys: HF key suffixes that are derived buffers, not parameters.
+    """
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    hf_architecture: str
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    names: tuple[tuple[str, str], ...]
+    chat_template: str = "default"
+    presets: types.MappingProxyType = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    ignore_hf_keys: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def hf_key(self, path: str) -> str:
+        """HF checkpoint key for a pmodel parameter path (``layers.3.attn.q_proj.weight``)."""
+        parts = path.split(".")
+        idx = None
+        if parts[0] == "layers":
+            idx, parts = parts[1], ["layers", "{i}"] + parts[2:]
+        templ = ".".join(parts)
+        for ours, theirs in self.names:
+            if templ == ours:
+                return theirs.format(i=idx)
+            if templ.startswith(ours + "."):
+                return theirs.format(i=idx) + templ[len(ours):]
+        raise KeyError(f"family {self.name!r} has no HF name for parameter {path!r}")
+
+
+def _registry() -> dict[str, Family]:
+    from . import llama, qwen2
+    fams = {}
+    for mod in (llama, qwen2):
+        for fam in mod.FAMILIES:
+            fams[fam.name] = fam
+    return fams
+
+
+def get(name: str) -> Family:
+    fams = _registry()
+    if name not in fams:
+        raise KeyError(f"unknown family {name!r}; known: {sorted(fams)}")
+    return fams[name]
+
+
+def for_hf_type(model_type: str) -> Family:
+    for fam in _registry().values():
+        if model_type in fam.hf_model_types:
+            return fam
+    known = sorted(t for f in _registry().values() for t in f.hf_model_types)
+    raise ValueError(f"unsupported HF model_type {model_type!r}; supported: {known}")
+
+
+def presets() -> dict[str, tuple[str, ModelConfig]]:
+    """All presets: name -> (family name, config)."""
+    out = {}
+    for fam in _registry().values():
+        for n, c in fam.presets.items():
+            out[n] = (fam.name, c)
+    return out
+
+
+def names() -> list[str]:
+    return sorted(presets())
+
+
+def preset_config(name: str) -> tuple[str, ModelConfig]:
+    table = presets()
+    if name not in table:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def preset(name: str, *, kernels: Kernels | None = None, **overrides) -> Model:
+    """The :class:`Model` for a preset (nothing is allocated; use ``pmodel.init``).
+
+    Args:
+      name: e.g. ``"llama2-7b"``, ``"qwen1.5-0.5b"``, ``"debug"``; see :func:`names`.
+      overrides: ModelConfig fields to replace (``num_layers=2``, ``dtype=torch.bfloat16``).
+    """
+    fam, cfg = preset_config(name)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return build(cfg, kernels, family=fam)
+
+
+def read_hf_config(path: str | Path) -> dict:
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.exists():
+        raise FileNotFoundError(f"no config.json at {f}")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def config_from_hf(path: str | Path | dict) -> tuple[Family, ModelConfig]:
+    """``(family, ModelConfig)`` from an HF checkpoint dir, a config.json path or its dict."""
+    d = path if isinstance(path, dict) else read_hf_config(path)
+    if "model_type" not in d:
+        raise ValueError(f"{path}: config.json has no 'model_type' key")
+    fam = for_hf_type(d["model_type"])
+    return fam, fam.config_from_hf(d)

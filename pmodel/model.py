@@ -1,0 +1,489 @@
+"""The config-driven decoder and the ``Model`` record.
+
+One decoder covers every family: a frozen :class:`ModelConfig` switches norms, position
+encodings, biases, MLP kind, tied embeddings and so on. A :class:`Model` is a record of pure
+functions over a params pytree: ``embed``, ``block``, ``head`` and ``head_loss``; transforms
+(recompute, LoRA, tensor / pipeline parallel) return a new record with some of them replaced.
+
+Model code reads head counts from the weights it receives (``q_proj`` rows / head_dim), so the
+same functions run on full and on sharded weights.
+
+Batch convention (Megatron style): ``labels`` are already shifted: ``labels[:, t]`` is the token
+to predict at position ``t``; ``-100`` (``ops.IGNORE_INDEX``) or ``loss_mask == 0`` excludes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+
+from . import ops
+from .ops import Kernels
+from .params import P
+
+__all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs"]
+
+_NORMS = ("rms", "layer")
+_POSITIONS = ("rope", "alibi", "learned", "none")
+_ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_exact")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Every architectural switch of the decoder.
+
+    Attributes:
+      vocab_size: tokenizer vocabulary (logits are returned at this width).
+      hidden_size, num_layers, num_heads, ffn_hidden_size: the usual sizes.
+      num_kv_heads: key/value heads (GQA; 1 = MQA); default ``num_heads``.
+      head_dim: per-head width; default ``hidden_size // num_heads``.
+      max_position_embeddings: context length the model was trained for (learned positions size).
+      norm: ``"rms"`` or ``"layer"``; ``norm_eps``; ``norm_offset`` 1.0 for Gemma's ``(1 + w)``.
+      position: ``"rope"``, ``"alibi"``, ``"learned"`` or ``"none"``.
+      rope_theta, rope_scaling (None or a dict with ``rope_type`` linear / llama3 and its keys),
+      rotary_fraction (partial rotary: fraction of head_dim rotated), rope_interleaved
+        (pairs (x0, x1) instead of rotate-half).
+      qkv_bias, o_bias, mlp_bias: linear biases.
+      activation: ``"swiglu"``, ``"geglu"`` (tanh GeLU), ``"gelu"`` (tanh) or ``"gelu_exact"``.
+      tie_embeddings: the output layer reuses the embedding matrix.
+      embedding_scale: multiply embeddings by this (Gemma: sqrt(hidden_size)); None = off.
+      embedding_norm: a LayerNorm right after the embedding (Bloom).
+      sliding_window: attention window W (a query sees the W most recent positions); None = off.
+      pad_vocab_to: pad the embedding / output rows to a multiple of this (Megatron's
+        ``--make-vocab-size-divisible-by``); logits are cut back to ``vocab_size``.
+      init_std: std of the normal init.
+      dtype: parameter / activation dtype.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_hidden_size: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    norm_offset: float = 0.0
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    rotary_fraction: float = 1.0
+    rope_interleaved: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    activation: str = "swiglu"
+    tie_embeddings: bool = False
+    embedding_scale: float | None = None
+    embedding_norm: bool = False
+    sliding_window: int | None = None
+    pad_vocab_to: int = 1
+    init_std: float = 0.02
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
+                                 f"num_heads {self.num_heads}; give head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
+                     "num_kv_heads", "head_dim", "max_position_embeddings", "pad_vocab_to"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig: num_heads {self.num_heads} must be a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
+        checks = (("norm", _NORMS), ("position", _POSITIONS), ("activation", _ACTIVATIONS))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            raise ValueError(f"ModelConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
+        if self.position == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"ModelConfig: rotary width {self.rotary_dim} must be even")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.rope_scaling is not None:
+            ops.rope_inv_freq(self.rotary_dim, self.rope_theta, self.rope_scaling_dict)  # validates
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return (self.vocab_size + m - 1) // m * m
+
+    def replace(self, **kw) -> "ModelConfig":
+        if "rope_scaling" not in kw and self.rope_scaling is not None:
+            kw["rope_scaling"] = self.rope_scaling_dict
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["rope_scaling"] = self.rope_scaling_dict
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        if isinstance(d.get("dtype"), str):
+            d["dtype"] = getattr(torch, d["dtype"])
+        return cls(**d)
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count (``embeddings=False`` drops the embedding / output matrices)."""
+        from .params import count
+        n = count(decoder_defs(self))
+        if not embeddings:
+            emb = self.padded_vocab_size * self.hidden_size
+            n -= emb if self.tie_embeddings else 2 * emb
+            if self.position == "learned":
+                n -= self.max_position_embeddings * self.hidden_size
+        return n
+
+
+# ============================================================================ declarations
+def _norm_defs(cfg: ModelConfig) -> dict:
+    init = "zeros" if cfg.norm_offset else "ones"
+    d = {"weight": P(shape=(cfg.hidden_size,), axes=("embed",), init=init)}
+    if cfg.norm == "layer":
+        d["bias"] = P(shape=(cfg.hidden_size,), axes=("embed",), init="zeros")
+    return d
+
+
+def _linear_defs(out_f, in_f, out_axis, in_axis, bias: bool, std: float) -> dict:
+    d = {"weight": P(shape=(out_f, in_f), axes=(out_axis, in_axis), std=std)}
+    if bias:
+        d["bias"] = P(shape=(out_f,), axes=(out_axis,), init="zeros")
+    return d
+
+
+def decoder_defs(cfg: ModelConfig) -> dict:
+    """The parameter declarations of the decoder (nothing allocated)."""
+    D, Dh, std = cfg.hidden_size, cfg.head_dim, cfg.init_std
+    qw, kvw, F = cfg.num_heads * Dh, cfg.num_kv_heads * Dh, cfg.ffn_hidden_size
+
+    def layer():
+        attn = {
+            "q_proj": _linear_defs(qw, D, "heads", "embed", cfg.qkv_bias, std),
+            "k_proj": _linear_defs(kvw, D, "kv_heads", "embed", cfg.qkv_bias, std),
+            "v_proj": _linear_defs(kvw, D, "kv_heads", "embed", cfg.qkv_bias, std),
+            "o_proj": _linear_defs(D, qw, "embed", "heads", cfg.o_bias, std),
+        }
+        if cfg.activation in ("swiglu", "geglu"):
+            mlp = {
+                "gate_proj": _linear_defs(F, D, "mlp", "embed", cfg.mlp_bias, std),
+                "up_proj": _linear_defs(F, D, "mlp", "embed", cfg.mlp_bias, std),
+                "down_proj": _linear_defs(D, F, "embed", "mlp", cfg.mlp_bias, std),
+            }
+        else:
+            mlp = {
+                "up_proj": _linear_defs(F, D, "mlp", "embed", cfg.mlp_bias, std),
+                "down_proj": _linear_defs(D, F, "embed", "mlp", cfg.mlp_bias, std),
+            }
+        return {"input_norm": _norm_defs(cfg), "attn": attn, "post_attn_norm": _norm_defs(cfg), "mlp": mlp}
+
+    defs: dict = {"embed": {"weight": P(shape=(cfg.padded_vocab_size, D), axes=("vocab", "embed"), std=std)}}
+    if cfg.position == "learned":
+        defs["pos_embed"] = {"weight": P(shape=(cfg.max_position_embeddings, D), axes=("positions", "embed"), std=std)}
+    if cfg.embedding_norm:
+        defs["embed_norm"] = _norm_defs(cfg)
+    defs["layers"] = [layer() for _ in range(cfg.num_layers)]
+    defs["final_norm"] = _norm_defs(cfg)
+    if not cfg.tie_embeddings:
+        defs["lm_head"] = {"weight": P(shape=(cfg.padded_vocab_size, D), axes=("vocab", "embed"), std=std)}
+    return defs
+
+
+# ============================================================================ KV cache and context
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding.
+
+    Attributes:
+      k, v: per layer ``(B, S_max, Hkv, Dh)``.
+      valid: ``(B, S_max)`` True where a slot holds a real (non-pad) token.
+      pos: ``(B, S_max)`` token position of each slot.
+      length: slots filled so far (the same for every row; left padding keeps rows aligned).
+    """
+
+    k: list
+    v: list
+    valid: torch.Tensor
+    pos: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, *, num_layers: int | None = None,
+                 kv_heads: int | None = None, dtype=None, device=None) -> "KVCache":
+        L = num_layers or cfg.num_layers
+        shape = (batch, max_len, kv_heads or cfg.num_kv_heads, cfg.head_dim)
+        dt = dtype or cfg.dtype
+        return cls(k=[torch.zeros(shape, dtype=dt, device=device) for _ in range(L)],
+                   v=[torch.zeros(shape, dtype=dt, device=device) for _ in range(L)],
+                   valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                   pos=torch.zeros(batch, max_len, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+@dataclasses.dataclass
+class Context:
+    """Per-forward state shared by every block: positions, rotary tables, masks, cache."""
+
+    positions: torch.Tensor                   # (B, T)
+    cos: torch.Tensor | None = None           # (B, T, R/2)
+    sin: torch.Tensor | None = None
+    mask: torch.Tensor | None = None          # (B, 1, T, S) bool, None = plain causal
+    alibi: torch.Tensor | None = None         # (B, H, T, S) additive bias
+    cache: KVCache | None = None
+    start: int = 0                            # first cache slot written by this forward
+    cu_seqlens: torch.Tensor | None = None
+
+
+def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, attention_mask=None,
+                 cu_seqlens=None, cache: KVCache | None = None, dtype=None) -> Context:
+    """Build the :class:`Context` for one forward pass.
+
+    Args:
+      tokens: ``(B, T)``.
+      position_ids: ``(B, T)``; default: from ``attention_mask`` (left padding skipped), else
+        ``cache.length + arange(T)``.
+      attention_mask: ``(B, T)`` (or ``(B, cache.length + T)`` with a cache) 1 = token, 0 = pad.
+      cu_seqlens: cumulative lengths over the flattened ``B*T`` tokens of packed documents.
+      cache: a :class:`KVCache` to read and append to.
+    """
+    B, T = tokens.shape
+    dev = tokens.device
+    start = cache.length if cache is not None else 0
+    am = None
+    if attention_mask is not None:
+        am = attention_mask.to(dev).bool()
+        if am.shape[1] == T + start:
+            am = am[:, start:]
+        if am.shape != (B, T):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match tokens {(B, T)}"
+                             + (f" (+ {start} cached)" if start else ""))
+    if position_ids is None:
+        if am is not None:
+            prev = cache.valid[:, :start].sum(1, keepdim=True) if cache is not None else 0
+            position_ids = (am.long().cumsum(1) - 1 + prev).clamp(min=0)
+        else:
+            position_ids = torch.arange(start, start + T, device=dev).expand(B, T)
+    position_ids = position_ids.to(dev)
+
+    q_idx = torch.arange(start, start + T, device=dev).expand(B, T)
+    doc = None
+    if cu_seqlens is not None:
+        flat = torch.arange(B * T, device=dev)
+        doc = torch.searchsorted(cu_seqlens.to(dev)[1:].long(), flat, right=True).view(B, T)
+
+    if cache is not None:
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; {start} used + {T} new exceeds it")
+        cache.valid[:, start:start + T] = am if am is not None else True
+        cache.pos[:, start:start + T] = position_ids
+        S = start + T
+        k_idx = torch.arange(S, device=dev).expand(B, S)
+        k_pos, key_valid = cache.pos[:, :S], cache.valid[:, :S]
+    else:
+        k_idx, k_pos, key_valid = q_idx, position_ids, am
+
+    plain = am is None and doc is None and cfg.sliding_window is None and cache is None
+    mask = None if plain else ops.attention_mask(
+        q_idx=q_idx, k_idx=k_idx, causal=True, q_pos=position_ids, k_pos=k_pos,
+        window=cfg.sliding_window, key_valid=key_valid, q_doc=doc, k_doc=doc)
+
+    ctx = Context(positions=position_ids, mask=mask, cache=cache, start=start, cu_seqlens=cu_seqlens)
+    if cfg.position == "rope":
+        inv = ops.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        ctx.cos, ctx.sin = ops.rope_cos_sin(position_ids, inv, dtype or cfg.dtype)
+    elif cfg.position == "alibi":
+        ctx.alibi = ops.alibi_bias(ops.alibi_slopes(cfg.num_heads), position_ids, k_pos)
+    return ctx
+
+
+# ============================================================================ the decoder
+def _norm(cfg: ModelConfig, p: dict, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    if cfg.norm == "rms":
+        return ops.rms_norm(x, p["weight"], cfg.norm_eps, cfg.norm_offset, kernels=kernels)
+    return ops.layer_norm(x, p["weight"], p.get("bias"), cfg.norm_eps, kernels=kernels)
+
+
+def _lin(p: dict, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    return ops.linear(x, p["weight"], p.get("bias"), kernels=kernels)
+
+
+def _attention(cfg: ModelConfig, p: dict, x: torch.Tensor, ctx: Context, layer: int, kernels: Kernels):
+    B, T, _ = x.shape
+    Dh = cfg.head_dim
+    q = _lin(p["q_proj"], x, kernels).view(B, T, -1, Dh)  # (B, T, Hq, Dh), Hq local
+    k = _lin(p["k_proj"], x, kernels).view(B, T, -1, Dh)  # (B, T, Hkv, Dh)
+    v = _lin(p["v_proj"], x, kernels).view(B, T, -1, Dh)
+    if ctx.cos is not None:
+        q = ops.rotary(q, ctx.cos, ctx.sin, interleaved=cfg.rope_interleaved, kernels=kernels)
+        k = ops.rotary(k, ctx.cos, ctx.sin, interleaved=cfg.rope_interleaved, kernels=kernels)
+    if ctx.cache is not None:
+        c, s = ctx.cache, ctx.start
+        c.k[layer][:, s:s + T] = k
+        c.v[layer][:, s:s + T] = v
+        k, v = c.k[layer][:, : s + T], c.v[layer][:, : s + T]
+    bias = ctx.alibi
+    if bias is not None and bias.shape[1] != q.shape[2]:
+        raise ValueError("ALiBi with sharded heads needs the tensor-parallel transform's slopes")
+    o = ops.attention(q, k, v, mask=ctx.mask, causal=ctx.mask is None, bias=bias,
+                      cu_seqlens=ctx.cu_seqlens, window=cfg.sliding_window, kernels=kernels)
+    return _lin(p["o_proj"], o.reshape(B, T, -1), kernels)
+
+
+def _mlp(cfg: ModelConfig, p: dict, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    if cfg.activation == "swiglu":
+        h = ops.swiglu(_lin(p["gate_proj"], x, kernels), _lin(p["up_proj"], x, kernels), kernels=kernels)
+    elif cfg.activation == "geglu":
+        h = ops.geglu(_lin(p["gate_proj"], x, kernels), _lin(p["up_proj"], x, kernels), kernels=kernels)
+    else:
+        approx = "tanh" if cfg.activation == "gelu" else "none"
+        h = ops.gelu(_lin(p["up_proj"], x, kernels), approximate=approx, kernels=kernels)
+    return _lin(p["down_proj"], h, kernels)
+
+
+def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | None = None) -> "Model":
+    """The decoder ``Model`` for ``cfg``."""
+    kernels = kernels or Kernels()
+
+    def embed(params, tokens, ctx: Context):
+        h = ops.embedding(tokens, params["embed"]["weight"], kernels=kernels)  # (B, T, D)
+        if cfg.embedding_scale is not None:
+            # Gemma multiplies by sqrt(D) rounded to the activation dtype.
+            h = h * torch.tensor(cfg.embedding_scale, dtype=h.dtype)
+        if cfg.position == "learned":
+            h = h + ops.embedding(ctx.positions, params["pos_embed"]["weight"], kernels=kernels)
+        if cfg.embedding_norm:
+            h = _norm(cfg, params["embed_norm"], h, kernels)
+        return h
+
+    def block(p, h, ctx: Context, layer: int):
+        h = h + _attention(cfg, p["attn"], _norm(cfg, p["input_norm"], h, kernels), ctx, layer, kernels)
+        return h + _mlp(cfg, p["mlp"], _norm(cfg, p["post_attn_norm"], h, kernels), kernels)
+
+    def out_weight(params):
+        return params["embed"]["weight"] if cfg.tie_embeddings else params["lm_head"]["weight"]
+
+    def head(params, h, ctx: Context):
+        logits = ops.linear(_norm(cfg, params["final_norm"], h, kernels), out_weight(params), kernels=kernels)
+        return logits[..., : cfg.vocab_size] if cfg.padded_vocab_size != cfg.vocab_size else logits
+
+    def head_loss(params, h, labels, weights, ctx: Context):
+        x = _norm(cfg, params["final_norm"], h, kernels)
+        return ops.linear_cross_entropy(x, out_weight(params), labels, weights, kernels=kernels)
+
+    return Model(config=cfg, defs=decoder_defs(cfg), embed=embed, block=block, head=head,
+                 head_loss=head_loss, kernels=kernels, family=family)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Model:
+    """A model: its config, parameter declarations and pure functions over params.
+
+    Attributes:
+      config: the :class:`ModelConfig`.
+      defs: pytree of :class:`~pmodel.params.P` declarations.
+      embed: ``(params, tokens, ctx) -> h`` ``(B, T, D)``.
+      block: ``(layer_params, h, ctx, layer_index) -> h``.
+      head: ``(params, h, ctx) -> logits`` ``(B, T, V)``.
+      head_loss: ``(params, h, labels, weights, ctx) -> (weighted_loss_sum, per_token_loss)``;
+        never materialises full logits when the kernels policy fuses cross-entropy.
+      kernels: the :class:`~pmodel.ops.Kernels` policy.
+      family: the family name (for HF export / chat template), if known.
+      shard: optional init hook ``(path, decl, full_tensor) -> leaf`` set by parallel transforms.
+      transforms: names of transforms applied, outermost last (informational).
+    """
+
+    config: ModelConfig
+    defs: Any
+    embed: Callable
+    block: Callable
+    head: Callable
+    head_loss: Callable
+    kernels: Kernels = dataclasses.field(default_factory=Kernels)
+    family: str | None = None
+    shard: Callable | None = None
+    transforms: tuple[str, ...] = ()
+
+    def replace(self, **kw) -> "Model":
+        return dataclasses.replace(self, **kw)
+
+    def context(self, tokens, **kw) -> Context:
+        return make_context(self.config, tokens, **kw)
+
+    def hidden(self, params, tokens, *, position_ids=None, attention_mask=None, cu_seqlens=None,
+               cache: KVCache | None = None, ctx: Context | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, D)`` before the output norm."""
+        if ctx is None:
+            ctx = make_context(self.config, tokens, position_ids=position_ids, attention_mask=attention_mask,
+                               cu_seqlens=cu_seqlens, cache=cache)
+        h = self.embed(params, tokens, ctx)
+        for i, lp in enumerate(params["layers"]):
+            h = self.block(lp, h, ctx, i)
+        if cache is not None:
+            cache.length = ctx.start + tokens.shape[1]
+        return h
+
+    def apply(self, params, tokens, *, position_ids=None, attention_mask=None, cu_seqlens=None,
+              cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for int64 ``tokens`` ``(B, T)``.
+
+        Args:
+          position_ids: ``(B, T)``; default derived from ``attention_mask`` / cache.
+          attention_mask: ``(B, T)`` 1 = token, 0 = padding (left or right).
+          cu_seqlens: packed-document boundaries over the flattened batch.
+          cache: a :class:`KVCache` (incremental decoding); it is filled and advanced.
+        """
+        ctx = make_context(self.config, tokens, position_ids=position_ids, attention_mask=attention_mask,
+                           cu_seqlens=cu_seqlens, cache=cache)
+        return self.head(params, self.hidden(params, tokens, ctx=ctx, cache=cache), ctx)
+
+    def loss(self, params, batch: dict, *, num_tokens: int | torch.Tensor | None = None):
+        """Mean next-token cross-entropy over the batch's counted tokens.
+
+        Args:
+          batch: ``tokens``, ``labels`` (already shifted), optional ``loss_mask``,
+            ``position_ids``, ``attention_mask``, ``cu_seqlens``.
+          num_tokens: the denominator; default the batch's own count of counted tokens. Pass the
+            global count when accumulating gradients over micro-batches so their sum is the mean.
+
+        Returns:
+          ``(loss, aux)`` with ``aux = {"num_tokens", "loss_sum", "per_token"}`` (detached).
+        """
+        tokens, labels = batch["tokens"], batch["labels"]
+        mask = (labels != ops.IGNORE_INDEX)
+        if batch.get("loss_mask") is not None:
+            mask = mask & (batch["loss_mask"] > 0)
+        labels = labels.masked_fill(~mask, ops.IGNORE_INDEX)
+        n = mask.sum()
+        denom = num_tokens if num_tokens is not None else n.clamp(min=1)
+        weights = mask.float() / denom
+        ctx = make_context(self.config, tokens, position_ids=batch.get("position_ids"),
+                           attention_mask=batch.get("attention_mask"), cu_seqlens=batch.get("cu_seqlens"))
+        h = self.hidden(params, tokens, ctx=ctx)
+        loss, per_token = self.head_loss(params, h, labels, weights, ctx)
+        aux = {"num_tokens": n.detach(), "loss_sum": per_token.sum().detach(), "per_token": per_token}
+        return loss, aux
