@@ -25,15 +25,16 @@ class _LinearCE(torch.autograd.Function):
         # h: (N, D); w: (V, D); labels: (N,); weights: (N,) float32
         N = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        losses = torch.empty(N, dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 math for bf16/fp16, fp64 stays fp64
+        losses = torch.empty(N, dtype=acc, device=h.device)
         gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         valid_all = labels != IGNORE_INDEX
         for s in range(0, N, chunk_rows):
             e = min(N, s + chunk_rows)
             hc, lab = h[s:e], labels[s:e]
             valid = valid_all[s:e]
-            logits = (hc @ w.t()).float()  # (n, V)
+            logits = (hc @ w.t()).to(acc)  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(valid, lab, torch.zeros_like(lab))
             tgt = logits.gather(1, safe[:, None])[:, 0]
@@ -45,7 +46,7 @@ class _LinearCE(torch.autograd.Function):
                 if need_h:
                     gh[s:e] = (g.to(w.dtype) @ w).to(h.dtype)
                 if need_w:
-                    gw.addmm_(g.t(), hc.float())
+                    gw.addmm_(g.t(), hc.to(acc))
         ctx.save_for_backward(gh if need_h else None, gw if need_w else None)
         ctx.w_dtype = w.dtype
         total = (losses * weights).sum()
@@ -77,5 +78,5 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     D = h.shape[-1]
     rows = chunk_rows or max(16, _CHUNK_BYTES // (4 * w.shape[0]))
     total, losses = _LinearCE.apply(h.reshape(-1, D), w, labels.reshape(-1),
-                                    weights.reshape(-1).float(), rows)
+                                    weights.reshape(-1).to(torch.promote_types(h.dtype, torch.float32)), rows)
     return total, losses.view(labels.shape)
