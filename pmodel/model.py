@@ -257,10 +257,15 @@ class Context:
     cache: KVCache | None = None
     start: int = 0                            # first cache slot written by this forward
     cu_seqlens: torch.Tensor | None = None
+    kernels: Kernels = dataclasses.field(default_factory=Kernels)  # the model's kernel policy
+    # Replaces ``ops.attention`` for the attention core (same signature); transforms such as
+    # selective recompute set it per forward without rebuilding the block. None = ops.attention.
+    attention_core: Callable | None = None
 
 
 def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, attention_mask=None,
-                 cu_seqlens=None, cache: KVCache | None = None, dtype=None) -> Context:
+                 cu_seqlens=None, cache: KVCache | None = None, dtype=None,
+                 kernels: Kernels | None = None) -> Context:
     """Build the :class:`Context` for one forward pass.
 
     Args:
@@ -312,7 +317,8 @@ def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, a
         q_idx=q_idx, k_idx=k_idx, causal=True, q_pos=position_ids, k_pos=k_pos,
         window=cfg.sliding_window, key_valid=key_valid, q_doc=doc, k_doc=doc)
 
-    ctx = Context(positions=position_ids, mask=mask, cache=cache, start=start, cu_seqlens=cu_seqlens)
+    ctx = Context(positions=position_ids, mask=mask, cache=cache, start=start, cu_seqlens=cu_seqlens,
+                  kernels=kernels or Kernels())
     if cfg.position == "rope":
         inv = ops.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         ctx.cos, ctx.sin = ops.rope_cos_sin(position_ids, inv, dtype or cfg.dtype)
@@ -333,9 +339,12 @@ def _lin(p: dict, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
 
 
 def _attention(cfg: ModelConfig, p: dict, x: torch.Tensor, ctx: Context, layer: int, kernels: Kernels):
-    B, T, _ = x.shape
     Dh = cfg.head_dim
-    q = _lin(p["q_proj"], x, kernels).view(B, T, -1, Dh)  # (B, T, Hq, Dh), Hq local
+    q = _lin(p["q_proj"], x, kernels)
+    # T from the projection, not from x: under sequence parallel x is a sequence shard and the
+    # column-parallel projection returns the gathered full sequence.
+    B, T = q.shape[:2]
+    q = q.view(B, T, -1, Dh)  # (B, T, Hq, Dh), Hq local
     k = _lin(p["k_proj"], x, kernels).view(B, T, -1, Dh)  # (B, T, Hkv, Dh)
     v = _lin(p["v_proj"], x, kernels).view(B, T, -1, Dh)
     if ctx.cos is not None:
@@ -349,8 +358,9 @@ def _attention(cfg: ModelConfig, p: dict, x: torch.Tensor, ctx: Context, layer: 
     bias = ctx.alibi
     if bias is not None and bias.shape[1] != q.shape[2]:
         raise ValueError("ALiBi with sharded heads needs the tensor-parallel transform's slopes")
-    o = ops.attention(q, k, v, mask=ctx.mask, causal=ctx.mask is None, bias=bias,
-                      cu_seqlens=ctx.cu_seqlens, window=cfg.sliding_window, kernels=kernels)
+    core = ctx.attention_core or ops.attention
+    o = core(q, k, v, mask=ctx.mask, causal=ctx.mask is None, bias=bias,
+             cu_seqlens=ctx.cu_seqlens, window=cfg.sliding_window, kernels=kernels)
     return _lin(p["o_proj"], o.reshape(B, T, -1), kernels)
 
 
@@ -366,10 +376,15 @@ def _mlp(cfg: ModelConfig, p: dict, x: torch.Tensor, kernels: Kernels) -> torch.
 
 
 def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | None = None) -> "Model":
-    """The decoder ``Model`` for ``cfg``."""
+    """The decoder ``Model`` for ``cfg``.
+
+    The functions read the kernel policy from ``ctx.kernels`` (set from ``Model.kernels`` on every
+    forward), so ``model.replace(kernels=...)`` takes effect without rebuilding.
+    """
     kernels = kernels or Kernels()
 
     def embed(params, tokens, ctx: Context):
+        kernels = ctx.kernels
         h = ops.embedding(tokens, params["embed"]["weight"], kernels=kernels)  # (B, T, D)
         if cfg.embedding_scale is not None:
             # Gemma multiplies by sqrt(D) rounded to the activation dtype.
@@ -381,6 +396,7 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         return h
 
     def block(p, h, ctx: Context, layer: int):
+        kernels = ctx.kernels
         h = h + _attention(cfg, p["attn"], _norm(cfg, p["input_norm"], h, kernels), ctx, layer, kernels)
         return h + _mlp(cfg, p["mlp"], _norm(cfg, p["post_attn_norm"], h, kernels), kernels)
 
@@ -388,10 +404,12 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         return params["embed"]["weight"] if cfg.tie_embeddings else params["lm_head"]["weight"]
 
     def head(params, h, ctx: Context):
+        kernels = ctx.kernels
         logits = ops.linear(_norm(cfg, params["final_norm"], h, kernels), out_weight(params), kernels=kernels)
         return logits[..., : cfg.vocab_size] if cfg.padded_vocab_size != cfg.vocab_size else logits
 
     def head_loss(params, h, labels, weights, ctx: Context):
+        kernels = ctx.kernels
         x = _norm(cfg, params["final_norm"], h, kernels)
         return ops.linear_cross_entropy(x, out_weight(params), labels, weights, kernels=kernels)
 
@@ -415,6 +433,8 @@ class Model:
       family: the family name (for HF export / chat template), if known.
       shard: optional init hook ``(path, decl, full_tensor) -> leaf`` set by parallel transforms.
       transforms: names of transforms applied, outermost last (informational).
+      layer_runner: optional ``(block, layer_params_list, h, ctx, first_index) -> h`` that runs
+        consecutive blocks (recompute groups them); None = call ``block`` once per layer.
     """
 
     config: ModelConfig
@@ -427,24 +447,32 @@ class Model:
     family: str | None = None
     shard: Callable | None = None
     transforms: tuple[str, ...] = ()
+    layer_runner: Callable | None = None
 
     def replace(self, **kw) -> "Model":
         return dataclasses.replace(self, **kw)
 
     def context(self, tokens, **kw) -> Context:
-        return make_context(self.config, tokens, **kw)
+        return make_context(self.config, tokens, kernels=self.kernels, **kw)
 
     def hidden(self, params, tokens, *, position_ids=None, attention_mask=None, cu_seqlens=None,
                cache: KVCache | None = None, ctx: Context | None = None) -> torch.Tensor:
         """Final hidden states ``(B, T, D)`` before the output norm."""
         if ctx is None:
-            ctx = make_context(self.config, tokens, position_ids=position_ids, attention_mask=attention_mask,
+            ctx = self.context(tokens, position_ids=position_ids, attention_mask=attention_mask,
                                cu_seqlens=cu_seqlens, cache=cache)
         h = self.embed(params, tokens, ctx)
-        for i, lp in enumerate(params["layers"]):
-            h = self.block(lp, h, ctx, i)
+        h = self.run_layers(params["layers"], h, ctx, 0)
         if cache is not None:
             cache.length = ctx.start + tokens.shape[1]
+        return h
+
+    def run_layers(self, layer_params: list, h: torch.Tensor, ctx: Context, first: int = 0) -> torch.Tensor:
+        """Run blocks ``first, first + 1, ...`` over ``layer_params`` (a pipeline stage's slice)."""
+        if self.layer_runner is not None:
+            return self.layer_runner(self.block, layer_params, h, ctx, first)
+        for i, lp in enumerate(layer_params):
+            h = self.block(lp, h, ctx, first + i)
         return h
 
     def apply(self, params, tokens, *, position_ids=None, attention_mask=None, cu_seqlens=None,
@@ -457,7 +485,7 @@ class Model:
           cu_seqlens: packed-document boundaries over the flattened batch.
           cache: a :class:`KVCache` (incremental decoding); it is filled and advanced.
         """
-        ctx = make_context(self.config, tokens, position_ids=position_ids, attention_mask=attention_mask,
+        ctx = self.context(tokens, position_ids=position_ids, attention_mask=attention_mask,
                            cu_seqlens=cu_seqlens, cache=cache)
         return self.head(params, self.hidden(params, tokens, ctx=ctx, cache=cache), ctx)
 
@@ -481,7 +509,7 @@ class Model:
         n = mask.sum()
         denom = num_tokens if num_tokens is not None else n.clamp(min=1)
         weights = mask.float() / denom
-        ctx = make_context(self.config, tokens, position_ids=batch.get("position_ids"),
+        ctx = self.context(tokens, position_ids=batch.get("position_ids"),
                            attention_mask=batch.get("attention_mask"), cu_seqlens=batch.get("cu_seqlens"))
         h = self.hidden(params, tokens, ctx=ctx)
         loss, per_token = self.head_loss(params, h, labels, weights, ctx)

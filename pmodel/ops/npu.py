@@ -1,0 +1,81 @@
+"""Ascend NPU lowering through torch_npu's fused kernels (``torch.ops.npu.*``).
+
+This module never imports torch_npu: on an NPU machine the user (or torch's device-backend
+autoload) has imported it, which registers the ``npu`` op namespace used here. Tests exercise
+the lowering on CPU by registering stand-in ops with the same names, schemas and documented
+semantics (see tests/npu_standins.py); the library itself has no fallback magic.
+
+Semantics followed (torch_npu 2.x documentation):
+  * ``npu_rms_norm(x, gamma, epsilon) -> (y, rstd)``.
+  * ``npu_swiglu(x, dim=-1)``: silu of the first half of ``x`` times the second half.
+  * ``npu_rotary_mul(x, r1, r2, rotary_mode)``: ``x * r1 + rotate(x) * r2`` with full-width
+    cos/sin tables; ``'half'`` is rotate-half, ``'interleave'`` rotates adjacent pairs.
+  * ``npu_fusion_attention(q, k, v, head_num, input_layout, ..., atten_mask, scale, ...,
+    sparse_mode)``: ``atten_mask`` True = masked out; the scale must be passed explicitly
+    (1/sqrt(d)); GQA when k/v carry fewer heads; returns a tuple whose first item is the output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+
+
+def _npu():
+    return torch.ops.npu
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    if offset:  # Gemma's (1 + w) has no fused variant; the kernel takes the effective gamma
+        y, _ = _npu().npu_rms_norm(x.float(), weight.float() + offset, eps)
+        return y.to(x.dtype)
+    y, _ = _npu().npu_rms_norm(x, weight, eps)
+    return y
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _npu().npu_swiglu(torch.cat((gate, up), dim=-1), -1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    # x: (B, T, H, Dh); cos/sin: (B, T, R/2) -> full-width (B, T, 1, R) tables for the kernel
+    R = 2 * cos.shape[-1]
+    if interleaved:
+        c, s = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    else:
+        c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    c, s = c[:, :, None, :].to(x.dtype), s[:, :, None, :].to(x.dtype)
+    mode = "interleave" if interleaved else "half"
+    rot = x[..., :R].contiguous()
+    out = _npu().npu_rotary_mul(rot, c, s, mode)
+    return torch.cat((out, x[..., R:]), -1) if R < x.shape[-1] else out
+
+
+def attention(q, k, v, *, mask=None, causal=False, bias=None, scale=None, cu_seqlens=None, window=None):
+    """Fused attention in BSND layout.
+
+    Plain causal attention uses ``sparse_mode=2`` (lower-right-aligned causal, compressed
+    2048x2048 mask as the kernel requires); any other mask (padding, documents, window, cache
+    decoding) is passed densely with ``sparse_mode=0``. ALiBi goes through ``pse``.
+    """
+    B, T, Hq, D = q.shape
+    S = k.shape[1]
+    sc = scale if scale is not None else 1.0 / math.sqrt(D)
+    pse = bias.to(q.dtype) if bias is not None else None
+    if mask is None and causal:
+        # The kernel's compressed causal mask: a fixed 2048x2048 upper triangle (True = masked).
+        atten_mask = torch.ones(2048, 2048, dtype=torch.bool, device=q.device).triu(1)
+        sparse = 2
+    elif mask is None:
+        atten_mask, sparse = None, 0
+    else:
+        atten_mask, sparse = ~mask, 0  # torch_npu: True = masked out
+    out = _npu().npu_fusion_attention(q, k, v, Hq, "BSND", pse=pse, atten_mask=atten_mask, scale=sc,
+                                      sparse_mode=sparse)
+    return out[0]
+
+
+# Ops without an NPU fusion use the reference implementation (pmodel.ops falls back to it).
+layer_norm = reference.layer_norm
