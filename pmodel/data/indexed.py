@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -41,11 +42,11 @@ __all__ = ["MAGIC", "VERSION", "DTYPE_CODES", "optimal_dtype", "IndexedDatasetWr
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
-DTYPE_CODES = {
+DTYPE_CODES = MappingProxyType({
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
     6: np.float64, 7: np.float32, 8: np.uint16,
-}
-_CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+})
+_CODE_OF = MappingProxyType({np.dtype(v): k for k, v in DTYPE_CODES.items()})
 
 
 def optimal_dtype(vocab_size: int | None) -> type:

@@ -407,17 +407,25 @@ class BPERankTokenizer(Tokenizer):
 
 
 def _byte_pair_merge(piece: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
-    """tiktoken's merge: repeatedly join the adjacent pair with the lowest rank."""
+    """tiktoken's merge: repeatedly join the leftmost adjacent pair with the lowest rank.
+
+    Pair ranks are kept in a list and only the neighbours of a merge are re-ranked, so each
+    step is one C-speed ``min`` + ``index`` (long CJK words are one pre-token).
+    """
     parts = [piece[i:i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best_rank, best_i = None, -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (best_rank is None or r < best_rank):
-                best_rank, best_i = r, i
-        if best_rank is None:
+    get, inf = ranks.get, 1 << 62
+    pair = [get(parts[i] + parts[i + 1], inf) for i in range(len(parts) - 1)]
+    while pair:
+        best = min(pair)
+        if best == inf:
             break
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        i = pair.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair[i]
+        if i < len(pair):
+            pair[i] = get(parts[i] + parts[i + 1], inf)
+        if i > 0:
+            pair[i - 1] = get(parts[i - 1] + parts[i], inf)
     return parts
 
 

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Tokenise raw data into Megatron/ModelLink-compatible ``.bin/.idx`` datasets.
+
+Example (pretraining)::
+
+    python scripts/preprocess_data.py --input data/c4_demo.jsonl --json-keys text \\
+        --tokenizer-type PretrainedFromHF --tokenizer-name-or-path path/to/llama2 \\
+        --output-prefix out/c4 --append-eod --workers 4
+
+Example (instruction data)::
+
+    python scripts/preprocess_data.py --input alpaca.json --handler-name AlpacaStyleInstructionHandler \\
+        --prompt-type llama2 --tokenizer-model tokenizer.model --output-prefix out/alpaca \\
+        --seq-length 2048 --pack
+
+See docs/data.md for every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pmodel.data.preprocess import HANDLERS, PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from pmodel.data.templates import TEMPLATES  # noqa: E402
+
+_TOKENIZER_TYPES = {
+    # ModelLink names -> our loader kinds
+    "PretrainedFromHF": "auto", "Llama2Tokenizer": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece", "TiktokenTokenizer": "tiktoken",
+    "GPT2BPETokenizer": "hf", "HFTokenizer": "hf", "ByteTokenizer": "bytes", "auto": "auto",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="file(s) or directory: .jsonl / .json / .txt (one document per line) / .parquet")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise (pretraining)")
+    g.add_argument("--handler-name", default="GeneralPretrainHandler", choices=HANDLERS)
+    g.add_argument("--prompt-type", default=None, choices=sorted(TEMPLATES),
+                   help="chat template for instruction handlers (default: empty)")
+    g.add_argument("--map-keys", default=None,
+                   help='JSON object renaming fields, e.g. \'{"prompt":"instruction","query":"input"}\'')
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=sorted(_TOKENIZER_TYPES))
+    g.add_argument("--tokenizer-model", default=None, help="tokenizer file (.model, .tiktoken, tokenizer.json)")
+    g.add_argument("--tokenizer-name-or-path", default=None, help="folder holding the tokenizer files")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True)
+    g.add_argument("--append-eod", action="store_true", help="append EOS to each pretraining document")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="instruction data: drop later turns / drop and count samples longer than this")
+    g.add_argument("--pack", action="store_true", help="pack instruction samples up to --seq-length")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--chunk-size", type=int, default=256, help="records per work item")
+    g.add_argument("--log-interval", type=int, default=1000)
+    g.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tok = args.tokenizer_model or args.tokenizer_name_or_path
+    if tok is None and args.tokenizer_type != "ByteTokenizer":
+        print("error: give --tokenizer-model or --tokenizer-name-or-path", file=sys.stderr)
+        return 2
+    map_keys = {}
+    if args.map_keys:
+        try:
+            map_keys = json.loads(args.map_keys)
+        except json.JSONDecodeError as e:
+            print(f"error: --map-keys is not valid JSON: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(map_keys, dict) or not all(isinstance(v, str) for v in map_keys.values()):
+            print("error: --map-keys must be a JSON object of strings", file=sys.stderr)
+            return 2
+    try:
+        cfg = PreprocessConfig(
+            inputs=tuple(args.input), output_prefix=args.output_prefix, tokenizer=tok or "bytes",
+            tokenizer_kind=_TOKENIZER_TYPES[args.tokenizer_type], json_keys=tuple(args.json_keys),
+            handler=args.handler_name, prompt_type=args.prompt_type, map_keys=map_keys,
+            append_eod=args.append_eod, seq_length=args.seq_length, pack=args.pack,
+            workers=args.workers, chunk_size=args.chunk_size, strict=args.strict,
+            log_interval=args.log_interval, progress=not args.no_progress)
+        report = preprocess(cfg)
+    except (PreprocessError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
