@@ -43,3 +43,17 @@ def test_incremental_decode_equals_full_forward(shared_data):
         first = model.apply(params, ids[:, :25], cache=cache)
         steps = [model.apply(params, ids[:, t:t + 1], cache=cache) for t in range(25, 40)]
     torch.testing.assert_close(torch.cat([first, *steps], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_load_checks_vocab_against_the_shipped_tokenizer(shared_data, tmp_path):
+    import shutil
+
+    import pytest
+    src = shared_data / "models" / "stories260K"
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("llama2c_original"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] = 300  # smaller than the 512-piece tokenizer beside it
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"vocab_size 300 does not fit the tokenizer"):
+        pmodel.load_hf(dst)

@@ -45,8 +45,24 @@ def read_safetensors_index(d: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{d}: neither {SINGLE} nor {INDEX} found (files: {found})")
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "qwen.tiktoken")
+
+
+def _check_tokenizer(d: Path, vocab_size: int) -> None:
+    """If the folder ships a tokenizer, refuse a model whose vocabulary cannot hold its ids."""
+    if not any((d / f).exists() for f in TOKENIZER_FILES):
+        return
+    from ..data import check_vocab_size, load_tokenizer
+    try:
+        check_vocab_size(load_tokenizer(d), vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{d}: config.json vocab_size {vocab_size} does not fit the tokenizer in the "
+                         f"same folder: {e}") from None
+
+
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
-            kernels: Kernels | None = None, strict: bool = True) -> tuple[Model, dict]:
+            kernels: Kernels | None = None, strict: bool = True,
+            check_tokenizer: bool = True) -> tuple[Model, dict]:
     """Load an HF checkpoint folder.
 
     Args:
@@ -55,6 +71,8 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
       device: where to put the parameters.
       kernels: the kernel policy for the returned model.
       strict: raise on checkpoint tensors that no parameter uses.
+      check_tokenizer: when the folder holds a tokenizer, check that the model's vocabulary
+        covers it (a clear error instead of out-of-range ids later).
 
     Returns:
       ``(model, params)``.
@@ -64,6 +82,8 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     model = build(cfg, kernels, family=fam.name)
+    if check_tokenizer:
+        _check_tokenizer(d, cfg.vocab_size)
     files = read_safetensors_index(d)
 
     wanted = {p: fam.hf_key(p) for p, _ in tree.paths(model.defs, is_leaf=is_decl)}
