@@ -19,7 +19,7 @@ import torch
 
 from . import tree
 
-__all__ = ["P", "init", "abstract", "key_for", "count", "is_decl"]
+__all__ = ["P", "init", "abstract", "key_for", "count", "is_decl", "draw"]
 
 AXES = frozenset(
     {"vocab", "embed", "heads", "kv_heads", "head_dim", "qkv", "mlp", "experts", "lora_rank",
@@ -39,6 +39,9 @@ class P:
       std: standard deviation for ``"normal"``.
       dtype: storage dtype; None means the model's parameter dtype.
       trainable: False for frozen leaves (they get no gradient and no optimizer state).
+      key: the path the init key is derived from, when it differs from where the declaration
+        sits (a transform that moves a weight, e.g. LoRA's ``...weight`` -> ``...weight.base``,
+        keeps its values by keeping its key).
     """
 
     shape: tuple[int, ...]
@@ -47,6 +50,7 @@ class P:
     std: float = 0.02
     dtype: torch.dtype | None = None
     trainable: bool = True
+    key: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -79,8 +83,9 @@ def key_for(seed: int, path: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _draw(decl: P, path: str, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Materialise one full-size leaf on CPU (fp32 draw, then cast)."""
+def draw(decl: P, path: str, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Materialise one full-size leaf on CPU (fp32 draw, then cast), keyed by ``decl.key or path``."""
+    path = decl.key or path
     if decl.init == "zeros":
         return torch.zeros(decl.shape, dtype=dtype)
     if decl.init == "ones":
@@ -115,7 +120,7 @@ def init(model, seed: int = 0, *, dtype: torch.dtype | None = None, device: Any 
     hook = shard or getattr(model, "shard", None)
 
     def make(path: str, decl: P):
-        t = _draw(decl, path, seed, decl.dtype or default)
+        t = draw(decl, path, seed, decl.dtype or default)
         leaf = hook(path, decl, t) if hook is not None else t
         return tree.map(lambda x: _finish(x, decl, device), leaf)
 

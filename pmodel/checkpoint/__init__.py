@@ -1,4 +1,5 @@
-"""Checkpoints: HF import/export (:mod:`.hf`)."""
+"""Checkpoints: HF import/export (:mod:`.hf`) and training state with exact resume (:mod:`.state`)."""
+from . import state
 from .hf import load_hf, save_hf
 
-__all__ = ["load_hf", "save_hf"]
+__all__ = ["load_hf", "save_hf", "state"]

@@ -16,3 +16,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
         return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
     y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
     return weight * y
+
+
+# Device bookkeeping for the training loop (kept here: torch.cuda is used only in this module).
+def synchronize(device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device) -> int:
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def rng_state(device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device)
+
+
+def set_rng_state(state: torch.Tensor, device) -> None:
+    torch.cuda.set_rng_state(state, device)

@@ -1,0 +1,201 @@
+"""Data parallelism: gradients in flat buckets, reduced over the ``dp`` group once per step.
+
+:class:`DataParallel` makes every trainable parameter's ``.grad`` a view into a flat bucket
+buffer (Megatron's contiguous gradient buffer). Autograd accumulates into those views in place,
+so gradient accumulation over micro-batches just keeps adding, and each bucket is reduced with
+one collective when the step's last backward has produced all its gradients:
+
+* ``overlap=False``: :meth:`DataParallel.finish` reduces every bucket after backward.
+* ``overlap=True``: a ``register_post_accumulate_grad_hook`` on each parameter counts the bucket's
+  ready gradients and starts the bucket's asynchronous collective as soon as the last one lands,
+  while backward continues with earlier layers; :meth:`finish` only waits.
+
+Inside :meth:`DataParallel.no_sync` (all micro-batches but the last) nothing is reduced, so the
+reduction happens once per step. Buckets follow reverse parameter order (the order backward
+produces gradients) and are padded to a multiple of the shard count so the distributed optimizer
+can reduce-scatter them.
+
+Gradients are **summed** over dp, not averaged: :meth:`pmodel.model.Model.loss` takes the
+global token count as ``num_tokens``, so the summed gradient is exactly the single-process
+gradient of the global mean loss, whatever the per-rank token counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from .. import tree
+from . import comm
+from .mesh import Mesh
+
+__all__ = ["BucketLayout", "DataParallel", "bucket_layout"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BucketLayout:
+    """Where each trainable leaf lives in the flat buckets.
+
+    Attributes:
+      index: per leaf in tree order, ``(bucket, offset, numel)`` or None for frozen leaves.
+      sizes: padded numel of each bucket (a multiple of ``pad``).
+      members: per bucket, the tree-order indices of its leaves.
+      pad: the shard count the buckets are padded for.
+    """
+
+    index: tuple
+    sizes: tuple
+    members: tuple
+    pad: int
+
+    def shard_range(self, bucket: int, shard: int) -> tuple[int, int]:
+        n = self.sizes[bucket] // self.pad
+        return shard * n, (shard + 1) * n
+
+
+def _trainable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+
+
+def bucket_layout(params, *, bucket_numel: int, pad: int = 1) -> BucketLayout:
+    """Group the trainable leaves of ``params`` into buckets of about ``bucket_numel`` scalars.
+
+    Leaves are taken in reverse tree order (output layer first: the order backward produces
+    gradients); a leaf is never split across buckets.
+    """
+    if bucket_numel < 1 or pad < 1:
+        raise ValueError(f"bucket_layout: bucket_numel and pad must be >= 1, got {bucket_numel}, {pad}")
+    leaves = tree.leaves(params)
+    index: list = [None] * len(leaves)
+    sizes, members, cur, cur_members = [], [], 0, []
+    for i in reversed(range(len(leaves))):
+        t = leaves[i]
+        if not _trainable(t):
+            continue
+        index[i] = (len(sizes), cur, t.numel())
+        cur += t.numel()
+        cur_members.append(i)
+        if cur >= bucket_numel:
+            sizes.append(-(-cur // pad) * pad)
+            members.append(tuple(cur_members))
+            cur, cur_members = 0, []
+    if cur_members:
+        sizes.append(-(-cur // pad) * pad)
+        members.append(tuple(cur_members))
+    return BucketLayout(index=tuple(index), sizes=tuple(sizes), members=tuple(members), pad=pad)
+
+
+class DataParallel:
+    """Bucketed gradient reduction over the mesh's ``dp`` group.
+
+    Args:
+      params: the (local) params tree; trainable leaves get ``.grad`` views into the buckets.
+      mesh: the :class:`Mesh`.
+      bucket_numel: target scalars per bucket (Megatron uses ~40M; tests use small buckets).
+      overlap: start each bucket's reduction from a gradient hook during backward.
+      reduce: ``"all_reduce"`` (every rank gets the full summed gradient) or
+        ``"reduce_scatter"`` (each rank gets only its shard's sum: the distributed optimizer's input;
+        the rest of the buffer is then meaningless).
+      pad: shard count the buckets are padded for (dp size for ``reduce_scatter``).
+
+    The object holds per-step mutable bookkeeping (hook counters, pending handles); it is created
+    explicitly by the caller, never module-level.
+    """
+
+    def __init__(self, params, mesh: Mesh, *, bucket_numel: int = 40_000_000, overlap: bool = False,
+                 reduce: str = "all_reduce", pad: int | None = None):
+        if reduce not in ("all_reduce", "reduce_scatter"):
+            raise ValueError(f"DataParallel.reduce must be 'all_reduce' or 'reduce_scatter', got {reduce!r}")
+        self.mesh = mesh
+        self.group = mesh.group("dp")
+        self.dp = mesh.size("dp")
+        self.overlap = bool(overlap)
+        self.reduce = reduce
+        pad = pad or (self.dp if reduce == "reduce_scatter" else 1)
+        if reduce == "reduce_scatter" and pad != self.dp:
+            raise ValueError(f"DataParallel: reduce_scatter needs buckets padded for dp={self.dp}, got pad={pad}")
+        self.leaves = tree.leaves(params)
+        self.layout = bucket_layout(params, bucket_numel=bucket_numel, pad=pad)
+        dtypes = {self.leaves[i].dtype for m in self.layout.members for i in m}
+        if len(dtypes) > 1:
+            raise ValueError(f"DataParallel: trainable leaves have mixed dtypes {dtypes}; one gradient dtype expected")
+        dtype = dtypes.pop() if dtypes else torch.float32
+        device = self.leaves[self.layout.members[0][0]].device if self.layout.members else None
+        self.buffers = [torch.zeros(n, dtype=dtype, device=device) for n in self.layout.sizes]
+        self._ready = [0] * len(self.buffers)
+        self._handles: dict[int, tuple] = {}
+        self._sync = True
+        self.reductions = 0  # collectives launched so far (tests check "once per step")
+        self._hooks = []
+        for i, t in enumerate(self.leaves):
+            if self.layout.index[i] is None:
+                continue
+            b, off, n = self.layout.index[i]
+            t.grad = self.buffers[b][off:off + n].view_as(t)
+            if self.overlap:
+                self._hooks.append(t.register_post_accumulate_grad_hook(self._make_hook(b)))
+
+    # ------------------------------------------------------------------ hooks and reduction
+    def _make_hook(self, b: int):
+        def hook(_param):
+            self._ready[b] += 1
+            if self._sync and self._ready[b] == len(self.layout.members[b]):
+                self._launch(b)
+        return hook
+
+    def _launch(self, b: int) -> None:
+        if b in self._handles:
+            return
+        buf = self.buffers[b]
+        self.reductions += 1
+        if self.group is None:
+            self._handles[b] = (None, None)
+            return
+        if self.reduce == "all_reduce":
+            self._handles[b] = (dist.all_reduce(buf, group=self.group, async_op=True), None)
+        else:
+            lo, hi = self.layout.shard_range(b, self.mesh.rank("dp"))
+            out = torch.empty(hi - lo, dtype=buf.dtype, device=buf.device)
+            work = comm._reduce_scatter_single(out, buf, group=self.group, async_op=True)
+            self._handles[b] = (work, out)
+
+    def finish(self) -> None:
+        """Complete the reduction of every bucket (launching those no hook started)."""
+        for b in range(len(self.buffers)):
+            self._launch(b)
+        for b, (work, out) in sorted(self._handles.items()):
+            if work is not None:
+                work.wait()
+            if out is not None:
+                lo, hi = self.layout.shard_range(b, self.mesh.rank("dp"))
+                self.buffers[b][lo:hi].copy_(out)
+        self._handles.clear()
+        self._ready = [0] * len(self.buffers)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients without reducing (every micro-batch but the step's last)."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+            self._ready = [0] * len(self.buffers)
+
+    def zero_grad(self) -> None:
+        """Zero the buckets (the ``.grad`` views stay attached)."""
+        for i, t in enumerate(self.leaves):
+            b = self.layout.index[i]
+            if b is not None and (t.grad is None or t.grad.data_ptr() != self.buffers[b[0]][b[1]:].data_ptr()):
+                raise RuntimeError("DataParallel: a parameter's .grad was replaced (set to None?); use "
+                                   "DataParallel.zero_grad instead of clearing .grad yourself")
+        for buf in self.buffers:
+            buf.zero_()
+        self._ready = [0] * len(self.buffers)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

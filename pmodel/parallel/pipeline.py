@@ -1,0 +1,624 @@
+"""Pipeline parallelism: stages cut from the Model record, explicit 1F1B / interleaved /
+zero-bubble schedules over point-to-point sends.
+
+``pipeline(model, mesh, schedule=..., microbatches=M)`` returns a :class:`Pipeline`. Each rank
+along the mesh's ``pp`` dimension owns one *stage* (``virtual_stages`` chunks of it under the
+interleaved schedule): the first virtual stage also owns ``embed`` (and ``pos_embed`` /
+``embed_norm``), the last owns ``final_norm``, the output layer and the loss
+(:attr:`Model.head_loss`). A stage runs its layers with :meth:`Model.run_layers`, so recompute,
+LoRA and tensor-parallel wrappers work inside stages unchanged.
+
+Stage parameters are the full model's tree restricted to the stage: ``params["layers"]`` is a
+dict keyed by the *global* layer index as a string, so every leaf keeps the dotted path it has
+in the full model (``layers.5.attn.q_proj.weight``). Keyed init therefore gives every stage
+exactly the values the single-process model would have, and checkpoints name leaves globally.
+
+The executor is our own (see docs/pipeline.md for why not ``torch.distributed.pipelining``): a
+schedule is a per-rank list of ``(kind, microbatch, chunk)`` operations (``"F"`` forward,
+``"B"`` backward, and for zero-bubble ``"B"`` = input gradient only and ``"W"`` = weight
+gradient), executed in order with tagged non-blocking sends and blocking receives.
+
+Loss scaling: each micro-batch's loss is its token-weighted sum divided by the *global* number
+of counted tokens (of the whole batch, or ``num_tokens`` across data-parallel ranks), so the sum
+over micro-batches is exactly the single-process mean and the gradients need no ``1/M``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .. import ops, tree
+from ..model import Model, make_context
+from ..params import init as _init_params
+from ..params import is_decl
+from .mesh import Mesh
+
+__all__ = ["pipeline", "Pipeline", "Op", "split_layers", "schedule_ops", "SCHEDULES"]
+
+SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
+_FIRST_KEYS = ("embed", "pos_embed", "embed_norm")
+_LAST_KEYS = ("final_norm", "lm_head")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class Op(NamedTuple):
+    """One scheduled operation: ``kind`` in ``F``/``B``/``W``, the micro-batch and the chunk."""
+
+    kind: str
+    microbatch: int
+    chunk: int
+
+
+# ============================================================================ layer split
+def split_layers(num_layers: int, pp: int, layers_per_stage=None, virtual_stages: int = 1) -> tuple:
+    """Layer ranges of every virtual stage, in pipeline order.
+
+    Virtual stage ``v = chunk * pp + rank`` (Megatron's interleaved layout): rank ``r`` runs
+    virtual stages ``r, r + pp, r + 2 pp, ...``.
+
+    Args:
+      num_layers: layers of the model.
+      pp: pipeline-parallel size.
+      layers_per_stage: None (even split) or per-rank layer counts (ModelLink's
+        ``--num-layer-list``): length ``pp``, sum ``num_layers``, every entry >= 1 and, with
+        virtual stages, divisible by ``virtual_stages``.
+      virtual_stages: chunks per rank (interleaved schedule).
+
+    Returns:
+      tuple of ``(first_layer, num_layers)`` per virtual stage (length ``pp * virtual_stages``).
+    """
+    if pp < 1 or virtual_stages < 1:
+        raise ValueError(f"pipeline: pp size {pp} and virtual_stages {virtual_stages} must be >= 1")
+    V = virtual_stages
+    if layers_per_stage is None:
+        if num_layers % (pp * V):
+            raise ValueError(f"pipeline: {num_layers} layers do not split evenly over pp={pp} x "
+                             f"virtual_stages={V}; give layers_per_stage (--num-layer-list)")
+        per_rank = [num_layers // pp] * pp
+    else:
+        per_rank = [int(n) for n in layers_per_stage]
+        if len(per_rank) != pp:
+            raise ValueError(f"pipeline: layers_per_stage {list(layers_per_stage)} has {len(per_rank)} "
+                             f"entries; expected one per pipeline stage (pp={pp})")
+        if sum(per_rank) != num_layers:
+            raise ValueError(f"pipeline: layers_per_stage {per_rank} sums to {sum(per_rank)}; the model "
+                             f"has {num_layers} layers")
+        if any(n < 1 for n in per_rank):
+            raise ValueError(f"pipeline: layers_per_stage {per_rank} has a stage with no layers; "
+                             f"every stage needs at least one")
+    if any(n % V for n in per_rank):
+        raise ValueError(f"pipeline: per-stage layer counts {per_rank} are not divisible by "
+                         f"virtual_stages={V}")
+    if any(n // V < 1 for n in per_rank):
+        raise ValueError(f"pipeline: {per_rank} layers per stage leave an empty virtual stage (V={V})")
+    out, first = [], 0
+    for c in range(V):
+        for r in range(pp):
+            n = per_rank[r] // V
+            out.append((first, n))
+            first += n
+    return tuple(out)
+
+
+# ============================================================================ schedules
+def schedule_ops(schedule: str, pp: int, rank: int, microbatches: int, virtual_stages: int = 1) -> list[Op]:
+    """The ordered operations one rank executes in a training step.
+
+    * ``1f1b`` (PipeDream-flush / Megatron): ``pp - rank - 1`` warm-up forwards, then one
+      forward + one backward alternately, then the remaining backwards.
+    * ``interleaved`` (Megatron's interleaved 1F1B): the same over ``M * V`` chunk-forwards in
+      groups of ``pp`` micro-batches per chunk; warm-up ``2 (pp - rank - 1) + (V - 1) pp``.
+    * ``zero-bubble`` (ZB-H1, Qi et al. 2023): 1F1B whose backward is split into ``B`` (input
+      gradient, on the critical path) and ``W`` (weight gradient); rank ``r`` lets up to
+      ``pp - r - 1`` W's lag behind and runs them in the cool-down, where 1F1B idles.
+    """
+    M, V, P = microbatches, virtual_stages, pp
+    if schedule in ("1f1b", "zero-bubble"):
+        warm = min(P - rank - 1, M)
+        plain = [Op("F", i, 0) for i in range(warm)]
+        for i in range(M - warm):
+            plain += [Op("F", warm + i, 0), Op("B", i, 0)]
+        plain += [Op("B", i, 0) for i in range(M - warm, M)]
+        if schedule == "1f1b":
+            return plain
+        lag, pending, out = P - rank - 1, [], []
+        steady_end = warm + 2 * (M - warm)  # index in `plain` where the cool-down starts
+        for idx, op in enumerate(plain):
+            out.append(op)
+            if op.kind != "B":
+                continue
+            pending.append(Op("W", op.microbatch, 0))
+            # In the steady state keep `lag` W's in flight; in the cool-down run one per B.
+            if idx >= steady_end or len(pending) > lag:
+                out.append(pending.pop(0))
+        return out + pending
+    if schedule != "interleaved":
+        raise ValueError(f"pipeline: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    total = M * V
+
+    def chunk(k: int, forward: bool) -> int:
+        c = (k % (P * V)) // P
+        return c if forward else V - c - 1
+
+    def mb(k: int) -> int:
+        return (k // (P * V)) * P + k % P
+
+    warm = total if M == P else min((P - rank - 1) * 2 + (V - 1) * P, total)
+    ops_: list[Op] = [Op("F", mb(k), chunk(k, True)) for k in range(warm)]
+    for k in range(total - warm):
+        ops_ += [Op("F", mb(warm + k), chunk(warm + k, True)), Op("B", mb(k), chunk(k, False))]
+    ops_ += [Op("B", mb(k), chunk(k, False)) for k in range(total - warm, total)]
+    return ops_
+
+
+# ============================================================================ zero-bubble backward split
+def _reaches(roots, targets: set) -> set:
+    """Autograd nodes reachable from ``roots`` from which some node in ``targets`` is reachable."""
+    memo: dict = {}
+    stack = [(n, False) for n in roots if n is not None]
+    while stack:
+        node, done = stack.pop()
+        if node in memo and not done:
+            continue
+        kids = [e[0] for e in node.next_functions if e[0] is not None]
+        if not done:
+            memo[node] = None  # visiting
+            stack.append((node, True))
+            stack += [(k, False) for k in kids if k not in memo]
+        else:
+            memo[node] = node in targets or any(memo.get(k) for k in kids)
+    return {n for n, v in memo.items() if v}
+
+
+class _WeightGrad:
+    """The deferred weight-gradient half of a zero-bubble backward.
+
+    The input-gradient pass differentiates only towards the stage input; every autograd node on
+    that path with an edge into the weight-only part of the graph (a *split* node, e.g. a matmul)
+    gets a pre-hook that captures the gradient flowing into it. :meth:`run` later re-runs each
+    split node for its weight-side edges only and back-propagates from there into the weights
+    (accumulating ``.grad`` as ``backward`` would). The weight-only sub-graphs are disjoint from
+    the input path, so nothing is counted twice.
+    """
+
+    def __init__(self, out: torch.Tensor, grad: torch.Tensor | None, h_in: torch.Tensor, weights: list):
+        from torch.autograd.graph import get_gradient_edge
+        in_node = get_gradient_edge(h_in).node
+        w_nodes = {get_gradient_edge(w).node: w for w in weights}
+        on_input = _reaches([out.grad_fn], {in_node})
+        to_weights = _reaches([out.grad_fn], set(w_nodes))
+        self.splits = []  # (node, [(edge_node, input_nr)], captured grads)
+        handles = []
+        for node in on_input:
+            edges = [(n, i) for n, i in node.next_functions
+                     if n is not None and n not in on_input and n in to_weights]
+            if edges:
+                rec = [node, edges, None]
+                self.splits.append(rec)
+                handles.append(node.register_prehook(self._capture(rec)))
+        self.weights = [w for n, w in w_nodes.items() if n in to_weights]
+        self.in_grad = torch.autograd.grad(out, h_in, grad, retain_graph=True)[0]
+        for h in handles:
+            h.remove()
+
+    @staticmethod
+    def _capture(rec):
+        def hook(grad_outputs):
+            rec[2] = tuple(g.detach() if g is not None else None for g in grad_outputs)
+        return hook
+
+    def run(self) -> None:
+        from torch.autograd.graph import GradientEdge
+        roots, grads = [], []
+        for node, edges, captured in self.splits:
+            if captured is None:
+                continue
+            outs = [GradientEdge(node, i) for i, g in enumerate(captured) if g is not None]
+            gouts = [g for g in captured if g is not None]
+            targets = [GradientEdge(n, i) for n, i in edges]
+            # Re-run only this split node, towards its weight-side edges.
+            got = torch.autograd.grad(outs, targets, gouts, retain_graph=True, allow_unused=True)
+            for t, g in zip(targets, got):
+                if g is not None:
+                    roots.append(t)
+                    grads.append(g)
+        if roots:
+            torch.autograd.backward(roots, grads, inputs=self.weights)
+        self.splits = []
+
+
+# ============================================================================ the pipeline
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Pipeline:
+    """A model split into pipeline stages, plus the schedule that runs them.
+
+    Build with :func:`pipeline`. Attributes:
+      model: the (possibly transformed) full :class:`Model`.
+      mesh: the :class:`Mesh`; its ``pp`` dimension holds the stages.
+      schedule: ``"1f1b"``, ``"interleaved"`` or ``"zero-bubble"``.
+      microbatches: micro-batches per step.
+      virtual_stages: chunks per rank.
+      stages: ``(first_layer, num_layers)`` per virtual stage, pipeline order.
+    """
+
+    model: Model
+    mesh: Mesh
+    schedule: str
+    microbatches: int
+    virtual_stages: int
+    stages: tuple
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def pp(self) -> int:
+        return self.mesh.size("pp")
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank("pp")
+
+    def chunk_stage(self, chunk: int) -> int:
+        """Virtual stage index of this rank's ``chunk``."""
+        return chunk * self.pp + self.rank
+
+    def chunk_layers(self, chunk: int) -> range:
+        first, n = self.stages[self.chunk_stage(chunk)]
+        return range(first, first + n)
+
+    @property
+    def layers(self) -> list[int]:
+        """Global indices of this rank's layers, in order."""
+        return [i for c in range(self.virtual_stages) for i in self.chunk_layers(c)]
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.pp - 1
+
+    def _peer(self, pp_rank: int) -> int:
+        return self.mesh.ranks("pp")[pp_rank]
+
+    # ------------------------------------------------------------------ params
+    def stage_defs(self) -> dict:
+        """The declarations this rank holds (same paths as the full model)."""
+        defs = self.model.defs
+        out: dict = {}
+        if self.is_first:
+            out.update({k: defs[k] for k in _FIRST_KEYS if k in defs})
+        out["layers"] = {str(i): defs["layers"][i] for i in self.layers}
+        if self.is_last:
+            out.update({k: defs[k] for k in _LAST_KEYS if k in defs})
+            if self.model.config.tie_embeddings and not self.is_first:
+                # The output layer reuses the embedding: the last stage keeps its own copy (same
+                # keyed init) whose gradient is summed with the first stage's after backward.
+                out["embed"] = defs["embed"]
+        return out
+
+    def init(self, seed: int = 0, *, dtype: torch.dtype | None = None, device: Any = None) -> dict:
+        """Materialise only this stage's parameters (values equal to ``pmodel.init(model, seed)``).
+
+        Args:
+          seed: the run seed (leaves keyed by their global path).
+          dtype, device: as :func:`pmodel.init`.
+
+        Returns:
+          the stage params tree.
+        """
+        return _init_params(self.stage_defs(), seed, dtype=dtype or self.model.config.dtype, device=device,
+                            shard=self.model.shard)
+
+    def stage_params(self, full_params: dict) -> dict:
+        """Select this rank's part of a full (single-process layout) params tree (no copies)."""
+        want = self.stage_defs()
+        out = {k: full_params[k] for k in want if k != "layers"}
+        out["layers"] = {str(i): full_params["layers"][i] for i in self.layers}
+        return out
+
+    # ------------------------------------------------------------------ communication
+    def _tag(self, kind: int, microbatch: int, chunk: int) -> int:
+        return (kind * self.microbatches + microbatch) * self.virtual_stages + chunk
+
+    def _send_act(self, h: torch.Tensor, microbatch: int, chunk: int, sends: list) -> None:
+        """Send a chunk's output to the next virtual stage (header with shape/dtype first)."""
+        v = self.chunk_stage(chunk) + 1
+        dst, dst_chunk = self._peer(v % self.pp), v // self.pp
+        if h.dtype not in _DTYPES or h.dim() > 6:
+            raise ValueError(f"pipeline: cannot send activation of dtype {h.dtype} / {h.dim()} dims")
+        header = torch.tensor([_DTYPES.index(h.dtype), h.dim(), *h.shape] + [0] * (6 - h.dim()), dtype=torch.int64)
+        data = h.detach().contiguous()
+        sends.append((dist.isend(header, dst, tag=self._tag(0, microbatch, dst_chunk)), header))
+        sends.append((dist.isend(data, dst, tag=self._tag(1, microbatch, dst_chunk)), data))
+
+    def _recv_act(self, microbatch: int, chunk: int) -> torch.Tensor:
+        v = self.chunk_stage(chunk) - 1
+        src = self._peer(v % self.pp)
+        header = torch.empty(8, dtype=torch.int64)
+        dist.recv(header, src, tag=self._tag(0, microbatch, chunk))
+        dt, nd = _DTYPES[int(header[0])], int(header[1])
+        h = torch.empty([int(s) for s in header[2:2 + nd]], dtype=dt)
+        dist.recv(h, src, tag=self._tag(1, microbatch, chunk))
+        return h
+
+    def _send_grad(self, g: torch.Tensor, microbatch: int, chunk: int, sends: list) -> None:
+        v = self.chunk_stage(chunk) - 1
+        dst, dst_chunk = self._peer(v % self.pp), v // self.pp
+        data = g.detach().contiguous()
+        sends.append((dist.isend(data, dst, tag=self._tag(2, microbatch, dst_chunk)), data))
+
+    def _recv_grad(self, like: torch.Tensor, microbatch: int, chunk: int) -> torch.Tensor:
+        v = self.chunk_stage(chunk) + 1
+        g = torch.empty_like(like)
+        dist.recv(g, self._peer(v % self.pp), tag=self._tag(2, microbatch, chunk))
+        return g
+
+    # ------------------------------------------------------------------ batches
+    def _microbatches(self, batch: dict) -> list[dict]:
+        B, T = batch["tokens"].shape
+        M = self.microbatches
+        if B % M:
+            raise ValueError(f"pipeline: batch size {B} is not divisible by microbatches={M}")
+        b = B // M
+        out = []
+        for j in range(M):
+            mbatch = {}
+            for k, v in batch.items():
+                if v is None:
+                    continue
+                if k == "cu_seqlens":
+                    lo, hi = j * b * T, (j + 1) * b * T
+                    # Re-base packed boundaries onto this micro-batch's flattened tokens; clamping
+                    # keeps which positions share a document.
+                    mbatch[k] = torch.unique(v.clamp(lo, hi) - lo)
+                elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B:
+                    mbatch[k] = v[j * b:(j + 1) * b]
+                else:
+                    raise ValueError(f"pipeline: batch key {k!r} (shape {getattr(v, 'shape', None)}) cannot "
+                                     f"be split into micro-batches along the batch dimension {B}")
+            out.append(mbatch)
+        return out
+
+    @staticmethod
+    def _labels_weights(mb: dict, denom):
+        labels = mb["labels"]
+        mask = labels != ops.IGNORE_INDEX
+        if mb.get("loss_mask") is not None:
+            mask = mask & (mb["loss_mask"] > 0)
+        return labels.masked_fill(~mask, ops.IGNORE_INDEX), mask.float() / denom, mask.sum()
+
+    # ------------------------------------------------------------------ the step
+    def forward_backward(self, params: dict, batch: dict, *, num_tokens=None, record: list | None = None):
+        """Run one step's forwards and backwards; gradients accumulate into ``.grad``.
+
+        Every pipeline rank passes the same ``batch`` (the first stage reads tokens, the last
+        labels; every stage builds positions / masks from it).
+
+        Args:
+          params: this stage's params (:meth:`init` / :meth:`stage_params`).
+          batch: ``tokens``, ``labels`` (shifted), optional ``loss_mask``, ``position_ids``,
+            ``attention_mask``, ``cu_seqlens``; batch dim divisible by ``microbatches``.
+          num_tokens: loss denominator; default the batch's counted tokens. Pass the global count
+            under data parallelism.
+          record: if a list, the executed :class:`Op` s are appended to it.
+
+        Returns:
+          ``(loss, aux)`` on every pipeline rank (broadcast from the last stage):
+          ``aux = {"num_tokens", "loss_sum"}``; loss is the batch mean (detached).
+        """
+        mbs = self._microbatches(batch)
+        labels_all = batch["labels"]
+        mask_all = labels_all != ops.IGNORE_INDEX
+        if batch.get("loss_mask") is not None:
+            mask_all = mask_all & (batch["loss_mask"] > 0)
+        n_all = mask_all.sum()
+        denom = num_tokens if num_tokens is not None else n_all.clamp(min=1)
+        sends: list = []
+        saved: dict = {}  # (microbatch, chunk) -> (h_in or None, out, ctx-free)
+        deferred: dict = {}
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        per_tok_sum = torch.zeros((), dtype=torch.float32)
+        last_chunk = self.virtual_stages - 1
+        weights = [x for x in tree.leaves(params) if isinstance(x, torch.Tensor) and x.requires_grad]
+        zb = self.schedule == "zero-bubble"
+        for op in schedule_ops(self.schedule, self.pp, self.rank, self.microbatches, self.virtual_stages):
+            j, c = op.microbatch, op.chunk
+            v = self.chunk_stage(c)
+            first_v, last_v = v == 0, v == self.pp * self.virtual_stages - 1
+            if op.kind == "F":
+                mb = mbs[j]
+                ctx = make_context(self.model.config, mb["tokens"], position_ids=mb.get("position_ids"),
+                                   attention_mask=mb.get("attention_mask"), cu_seqlens=mb.get("cu_seqlens"))
+                if first_v:
+                    h_in = None
+                    h = self.model.embed(params, mb["tokens"], ctx)
+                else:
+                    h_in = self._recv_act(j, c).requires_grad_(True)
+                    h = h_in
+                idx = self.chunk_layers(c)
+                h = self.model.run_layers([params["layers"][str(i)] for i in idx], h, ctx, idx.start)
+                if last_v:
+                    labels, w, _ = self._labels_weights(mb, denom)
+                    out, per_tok = self.model.head_loss(params, h, labels, w, ctx)
+                    loss_sum = loss_sum + out.detach().float()
+                    per_tok_sum = per_tok_sum + per_tok.detach().float().sum()
+                else:
+                    out = h
+                    self._send_act(h, j, c, sends)
+                saved[(j, c)] = (h_in, out)
+            elif op.kind == "B":
+                h_in, out = saved.pop((j, c))
+                grad = None if last_v else self._recv_grad(out, j, c)
+                if zb and h_in is not None:
+                    wg = _WeightGrad(out, grad, h_in, weights)
+                    deferred[(j, c)] = wg
+                    in_grad = wg.in_grad
+                else:
+                    if zb:
+                        deferred[(j, c)] = None  # first stage: nothing to split off
+                    torch.autograd.backward(out, grad)
+                    in_grad = h_in.grad if h_in is not None else None
+                if not first_v:
+                    self._send_grad(in_grad, j, c, sends)
+                del out, h_in
+            else:  # "W"
+                wg = deferred.pop((j, c))
+                if wg is not None:
+                    wg.run()
+            if record is not None:
+                record.append(op)
+        if saved or deferred:
+            raise RuntimeError(f"pipeline: schedule left work undone: {sorted(saved)} {sorted(deferred)}")
+        for work, _ in sends:
+            work.wait()
+        self._sync_tied_embedding(params)
+        return self._broadcast_loss(loss_sum, per_tok_sum, n_all, denom)
+
+    def _sync_tied_embedding(self, params) -> None:
+        """Sum the tied embedding's gradient over the first and last stage (both hold a copy)."""
+        if not (self.model.config.tie_embeddings and self.pp > 1 and (self.is_first or self.is_last)):
+            return
+        w = params["embed"]["weight"]
+        if not isinstance(w, torch.Tensor):
+            raise NotImplementedError("pipeline: tied embeddings with wrapped (parallel / LoRA) embedding weights")
+        if not w.requires_grad:
+            return
+        g = w.grad if w.grad is not None else torch.zeros_like(w)
+        other = self._peer(self.pp - 1 if self.is_first else 0)
+        buf = torch.empty_like(g)
+        # Both sides send first (non-blocking) then receive: no ordering deadlock.
+        work = dist.isend(g.detach().contiguous(), other, tag=self._tag(3, 0, 0))
+        dist.recv(buf, other, tag=self._tag(3, 0, 0))
+        work.wait()
+        if w.grad is None:
+            w.grad = buf
+        else:
+            w.grad.add_(buf)
+
+    def _broadcast_loss(self, loss_sum, per_tok_sum, n_all, denom):
+        vals = torch.stack([loss_sum, per_tok_sum])
+        if self.pp > 1:
+            dist.broadcast(vals, self._peer(self.pp - 1), group=self.mesh.group("pp"))
+        aux = {"num_tokens": n_all.detach(), "loss_sum": vals[1]}
+        return vals[0], aux
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, params: dict, directory: str | Path) -> Path:
+        """Write this stage's leaves (global paths) as safetensors + a JSON manifest.
+
+        Every rank with data-parallel coordinate 0 writes ``pp{r}-tp{t}.safetensors`` and
+        ``pp{r}-tp{t}.json``; the manifest records the global layer indices, the split and the
+        leaf shapes, so :meth:`load` works under another pipeline split (same TP size).
+
+        Returns:
+          the path of the written safetensors file (or of the directory on ranks that write nothing).
+        """
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.mesh.rank("dp") != 0:
+            return d
+        tp, tpr = self.mesh.size("tp"), self.mesh.rank("tp")
+        name = f"pp{self.rank:03d}-tp{tpr:03d}"
+        tensors = {p: x.detach().contiguous() for p, x in tree.paths(params) if isinstance(x, torch.Tensor)}
+        manifest = {"format": "pmodel-pipeline-stage", "version": 1, "pp_rank": self.rank, "pp_size": self.pp,
+                    "tp_rank": tpr, "tp_size": tp, "layers": self.layers, "stages": [list(s) for s in self.stages],
+                    "num_layers": self.model.config.num_layers,
+                    "leaves": {p: list(t.shape) for p, t in tensors.items()}}
+        save_file(tensors, str(d / f"{name}.safetensors"))
+        (d / f"{name}.json").write_text(json.dumps(manifest, indent=1))
+        return d / f"{name}.safetensors"
+
+    @torch.no_grad()
+    def load(self, params: dict, directory: str | Path) -> dict:
+        """Fill this stage's params in place from a directory written by :meth:`save` under any
+        pipeline split with the same TP size.
+
+        Raises:
+          FileNotFoundError / ValueError naming the file and key when a leaf is missing, the TP
+          size differs, or a shape does not match.
+        """
+        from safetensors import safe_open
+        d = Path(directory)
+        tpr, tp = self.mesh.rank("tp"), self.mesh.size("tp")
+        manifests = sorted(d.glob(f"pp*-tp{tpr:03d}.json"))
+        if not manifests:
+            raise FileNotFoundError(f"pipeline.load: no stage manifests pp*-tp{tpr:03d}.json in {d}")
+        where: dict = {}
+        for mf in manifests:
+            m = json.loads(mf.read_text())
+            if m.get("format") != "pmodel-pipeline-stage":
+                raise ValueError(f"{mf}: not a pmodel pipeline stage manifest (format {m.get('format')!r})")
+            if m["tp_size"] != tp:
+                raise ValueError(f"{mf}: written with tp_size={m['tp_size']}, loading with tp={tp}; "
+                                 f"reshard tensor-parallel checkpoints first")
+            if m["num_layers"] != self.model.config.num_layers:
+                raise ValueError(f"{mf}: checkpoint has {m['num_layers']} layers, model has "
+                                 f"{self.model.config.num_layers}")
+            for p, shape in m["leaves"].items():
+                where.setdefault(p, (mf.with_suffix(".safetensors"), shape))
+        handles: dict = {}
+
+        def fill(path: str, x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if path not in where:
+                raise KeyError(f"pipeline.load: {d} has no leaf {path!r} (manifests: {[m.name for m in manifests]})")
+            f, shape = where[path]
+            if list(x.shape) != shape:
+                raise ValueError(f"pipeline.load: {f.name} key {path!r} has shape {shape}, expected {list(x.shape)}")
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt")
+            x.copy_(handles[f].get_tensor(path))
+            return x
+
+        tree.map_with_path(fill, params)
+        return params
+
+
+def pipeline(model: Model, mesh: Mesh, schedule: str = "1f1b", microbatches: int = 1,
+             layers_per_stage=None, virtual_stages: int = 1) -> Pipeline:
+    """Split ``model`` into pipeline stages over the mesh's ``pp`` dimension.
+
+    Args:
+      model: a :class:`Model` (plain, recompute, LoRA, tensor parallel, ...).
+      mesh: the :class:`Mesh`; stages live along ``pp`` (TP / DP coordinates pair up stage peers).
+      schedule: ``"1f1b"``, ``"interleaved"`` (needs ``virtual_stages >= 2`` and ``microbatches``
+        a multiple of pp) or ``"zero-bubble"`` (ZB-H1).
+      microbatches: micro-batches per step (the batch dimension must divide by it).
+      layers_per_stage: per-stage layer counts (uneven split) or None for an even split.
+      virtual_stages: model chunks per rank (interleaved schedule only).
+
+    Returns:
+      a :class:`Pipeline`.
+
+    Raises:
+      ValueError: an invalid split, schedule / virtual-stage mismatch, or micro-batch count.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"pipeline: microbatches must be a positive int, got {microbatches!r}")
+    pp = mesh.size("pp")
+    if schedule == "interleaved":
+        if virtual_stages < 2:
+            raise ValueError("pipeline: the interleaved schedule needs virtual_stages >= 2 "
+                             "(--num-layers-per-virtual-pipeline-stage); use '1f1b' for one chunk per rank")
+        if microbatches % pp:
+            raise ValueError(f"pipeline: interleaved 1F1B needs microbatches ({microbatches}) to be a "
+                             f"multiple of the pipeline size ({pp})")
+    elif virtual_stages != 1:
+        raise ValueError(f"pipeline: virtual_stages={virtual_stages} needs schedule='interleaved' "
+                         f"(got {schedule!r})")
+    if model.config.tie_embeddings and pp > 1 and model.shard is not None:
+        raise NotImplementedError("pipeline: tied embeddings with a sharding transform (tensor parallel) "
+                                  "and pp > 1 is not supported yet")
+    stages = split_layers(model.config.num_layers, pp, layers_per_stage, virtual_stages)
+    return Pipeline(model=model, mesh=mesh, schedule=schedule, microbatches=microbatches,
+                    virtual_stages=virtual_stages, stages=stages)

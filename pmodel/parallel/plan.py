@@ -1,0 +1,143 @@
+"""``parallelize``: the one function scripts call to turn parallel flags into transforms.
+
+Every option takes effect or raises with the reason (no silent no-ops):
+
+* ``sequence_parallel`` needs ``tp > 1``;
+* ``distributed_optimizer`` with ``dp == 1`` warns (``UserWarning``) that nothing is sharded: it
+  still runs (an fp32 main copy of the params and the same update as the plain optimizer, as
+  Megatron's ``--use-distributed-optimizer`` does on one dp rank), so a TP-only launch with the
+  flag works, but the warning says it saves no memory there;
+* ``high_availability`` (replica optimizer) needs ``distributed_optimizer`` and an even ``dp >= 2``;
+* ``overlap_grad_reduce`` needs ``dp > 1`` (there is no reduction to overlap otherwise);
+* TP must divide heads / MLP width / padded vocab (checked by :func:`tensor_parallel`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from .. import tree
+from ..optim import GradientTransformation, apply_updates
+from . import comm
+from .data import DataParallel
+from .mesh import Mesh
+from .optimizer import distributed_optimizer as _dist_opt
+from .optimizer import grad_norm
+from .tensor import sync_replicated_grads, tensor_parallel
+
+__all__ = ["ParallelPlan", "parallelize"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class ParallelPlan:
+    """A parallelised model + optimizer and the train step that drives them.
+
+    Attributes:
+      model: the tensor-parallel Model.
+      tx: the optimizer (the distributed one when asked).
+      mesh: the :class:`Mesh`.
+      overlap_grad_reduce, bucket_numel: data-parallel reduction settings.
+      reduce: ``"reduce_scatter"`` for the distributed optimizer, else ``"all_reduce"``.
+      max_grad_norm: global-norm clip (None = off), applied with the TP / dp aware norm.
+      distributed: whether ``tx`` is the sharded optimizer (it clips itself).
+    """
+
+    model: Any
+    tx: GradientTransformation
+    mesh: Mesh
+    overlap_grad_reduce: bool
+    bucket_numel: int
+    reduce: str
+    max_grad_norm: float | None
+    distributed: bool
+
+    def data_parallel(self, params) -> DataParallel:
+        """The gradient buckets for ``params`` (create once, before the first backward)."""
+        return DataParallel(params, self.mesh, bucket_numel=self.bucket_numel, overlap=self.overlap_grad_reduce,
+                            reduce=self.reduce)
+
+    def step(self, params, opt_state, dp: DataParallel, micro_batches: list[dict]):
+        """One optimizer step over this rank's micro-batches (gradient accumulation).
+
+        The loss is the mean over every counted token of the global batch (all micro-batches of
+        all dp ranks), so the result equals the single-process step on the concatenated batch.
+
+        Returns:
+          ``(opt_state, {"loss": global mean loss, "grad_norm": ..., "num_tokens": ...})``.
+        """
+        if not micro_batches:
+            raise ValueError("ParallelPlan.step: no micro-batches")
+        counts = [((b["labels"] != -100) & (b["loss_mask"] > 0 if b.get("loss_mask") is not None
+                                             else torch.ones_like(b["labels"], dtype=torch.bool))).sum()
+                  for b in micro_batches]
+        total = comm.all_reduce(torch.stack(counts).sum(), self.mesh.group("dp")).clamp(min=1)
+        loss_sum = torch.zeros(())
+        for i, b in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            ctx = dp.no_sync() if not last else contextlib.nullcontext()
+            with ctx:
+                loss, _ = self.model.loss(params, b, num_tokens=total)
+                loss.backward()
+            loss_sum = loss_sum + loss.detach().float()
+        dp.finish()
+        sync_replicated_grads(self.model, params)  # SP norms, LoRA's replicated factors
+        grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
+        norm = None
+        if not self.distributed:
+            norm = grad_norm(self.model, params, self.mesh)
+            if self.max_grad_norm is not None:
+                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+                grads = tree.map(lambda g: None if g is None else g * coef, grads, is_leaf=lambda x: x is None)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        apply_updates(params, updates)
+        dp.zero_grad()
+        if self.distributed:
+            norm = opt_state.grad_norm
+        loss = comm.all_reduce(loss_sum, self.mesh.group("dp"))
+        return opt_state, {"loss": loss, "grad_norm": norm, "num_tokens": total}
+
+
+def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, sequence_parallel: bool = False,
+                distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                high_availability: bool = False, bucket_numel: int = 40_000_000,
+                max_grad_norm: float | None = None) -> ParallelPlan:
+    """Apply tensor / sequence / data parallelism and the (distributed) optimizer from flags.
+
+    Args:
+      model: the plain Model.
+      tx: the optimizer; must not contain its own global-norm clip (pass ``max_grad_norm``: a clip
+        inside ``tx`` would see only local shards under TP or the distributed optimizer).
+      mesh: the :class:`Mesh` (tp and dp sizes come from it).
+      sequence_parallel: ``--sequence-parallel``.
+      distributed_optimizer: ``--use-distributed-optimizer`` (ZeRO-1 over dp).
+      overlap_grad_reduce: ``--overlap-grad-reduce``.
+      high_availability: ``--enable-high-availability`` (replica optimizer layout).
+      bucket_numel: gradient bucket size in scalars.
+      max_grad_norm: ``--clip-grad`` (None = off).
+
+    Returns:
+      a :class:`ParallelPlan`.
+    """
+    dp = mesh.size("dp")
+    if distributed_optimizer and dp == 1:
+        warnings.warn("--use-distributed-optimizer with data-parallel size 1: there is nothing to shard the "
+                      "optimizer state over, so it saves no memory (it keeps an fp32 main copy of the params "
+                      "and applies the same update as the plain optimizer)", UserWarning, stacklevel=2)
+    if high_availability and not distributed_optimizer:
+        raise ValueError("--enable-high-availability (replica optimizer) needs --use-distributed-optimizer")
+    if high_availability and (dp < 2 or dp % 2):
+        raise ValueError(f"--enable-high-availability needs an even data-parallel size >= 2, got {dp}")
+    if overlap_grad_reduce and dp == 1:
+        raise ValueError("--overlap-grad-reduce needs data-parallel size > 1 (no gradient reduction to overlap)")
+    tp_model = tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
+    if distributed_optimizer:
+        tx = _dist_opt(tx, mesh, model=tp_model, replica=high_availability, bucket_numel=bucket_numel,
+                       max_grad_norm=max_grad_norm)
+    reduce = "reduce_scatter" if distributed_optimizer and not high_availability else "all_reduce"
+    return ParallelPlan(model=tp_model, tx=tx, mesh=mesh, overlap_grad_reduce=overlap_grad_reduce,
+                        bucket_numel=bucket_numel, reduce=reduce, max_grad_norm=max_grad_norm,
+                        distributed=distributed_optimizer)

@@ -1,0 +1,116 @@
+"""scripts/pretrain.py: flags take effect or are refused with the reason."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("pretrain_script", ROOT / "scripts" / "pretrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PT = _script()
+BASE = ["--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "2", "--mock-data",
+        "--no-progress"]
+
+
+def _args(*extra):
+    a = PT.build_parser().parse_args([*BASE, *extra])
+    PT.validate(a)
+    return a
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--bf16", "--fp16"], "exclusive"),
+    (["--initial-loss-scale", "1024"], "need --fp16"),
+    (["--num-query-groups", "2"], "only with --group-query-attention"),
+    (["--group-query-attention"], "needs --num-query-groups"),
+    (["--global-batch-size", "3"], "not a multiple"),
+    (["--save-interval", "5"], "needs --save"),
+    (["--accumulate-allreduce-grads-in-fp32"], "needs --bf16 or --fp16"),
+    (["--split", "90,10,0"], "--split applies to --data-path"),
+    (["--model", "debug", "--hf-config", "x"], "give one"),
+    (["--lr-warmup-iters", "5", "--lr-decay-style", "cosine"], "must be below the decay length"),
+])
+def test_refused_combinations(extra, msg):
+    with pytest.raises(SystemExit, match=msg):
+        _args(*extra)
+
+
+def test_architecture_flags_take_effect():
+    a = _args("--num-layers", "3", "--hidden-size", "48", "--num-attention-heads", "4", "--group-query-attention",
+              "--num-query-groups", "2", "--ffn-hidden-size", "100", "--vocab-size", "300",
+              "--make-vocab-size-divisible-by", "64", "--bf16")
+    cfg, fam = PT.build_config(a, None)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.ffn_hidden_size) == (3, 48, 4, 2, 100)
+    assert cfg.vocab_size == 300 and cfg.padded_vocab_size == 320 and cfg.dtype == torch.bfloat16
+    assert cfg.max_position_embeddings == 16 and fam == "llama"
+    a = _args("--model", "debug", "--num-layers", "1")
+    cfg, fam = PT.build_config(a, None)
+    assert cfg.num_layers == 1 and fam == "llama"
+    with pytest.raises(SystemExit, match="exceeds --max-position-embeddings"):
+        PT.build_config(_args("--model", "debug", "--max-position-embeddings", "8"), None)
+    with pytest.raises(SystemExit, match="--num-layers"):
+        PT.build_config(_args("--hidden-size", "8"), None)
+
+
+def test_optimizer_flags_take_effect():
+    from pmodel import optim
+    from pmodel.optim import find_states
+    from pmodel.precision import LossScaleState
+    a = _args("--model", "debug", "--fp16", "--initial-loss-scale", "512", "--loss-scale-window", "7", "--clip-grad", "0",
+              "--lr-warmup-iters", "1", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--train-iters", "4")
+    model, params = PT.build_model(a, None)
+    tx, st, pol = PT.build_optimizer(a, model, params)
+    assert float(find_states(st, LossScaleState)[0].scale) == 512.0 and pol.loss_scale.growth_interval == 7
+    assert not optim.find_states(st, optim.ClipState)           # --clip-grad 0: no clipping
+    assert st.main["embed"]["weight"].dtype == torch.float32   # fp32 main weights
+    a = _args("--model", "debug", "--clip-grad", "0.5")
+    model, params = PT.build_model(a, None)
+    _, st, _ = PT.build_optimizer(a, model, params)
+    assert optim.find_states(st, optim.ClipState)
+
+
+def test_end_to_end_with_indexed_data_and_tokenizer(tmp_path):
+    """--data-path / --split / --tokenizer-* through pmodel.data on a tiny written dataset."""
+    import numpy as np
+    from pmodel.data import write_indexed_dataset
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 250, rng.integers(20, 60)).astype(np.int64) for _ in range(60)]
+    prefix = tmp_path / "corpus"
+    write_indexed_dataset(str(prefix), docs) if _takes_docs() else pytest.skip("write_indexed_dataset API differs")
+    rc = PT.main(["--model", "debug", "--vocab-size", "300", "--seq-length", "16", "--micro-batch-size", "2",
+                  "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "3", "--data-path", str(prefix),
+                  "--split", "80,20,0", "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1",
+                  "--tokenizer-type", "ByteTokenizer", "--no-progress", "--save", str(tmp_path / "ck")])
+    assert rc == 0
+    assert (tmp_path / "ck" / "iter_0000003" / "manifest.json").exists()
+
+
+def _takes_docs():
+    import inspect
+    from pmodel.data import write_indexed_dataset
+    return len(inspect.signature(write_indexed_dataset).parameters) >= 2
+
+
+def test_hf_config_and_refused_resume_with_other_config(tmp_path):
+    import json
+    from pmodel.checkpoint.state import CheckpointError
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
+    cfg, fam = PT.build_config(_args("--hf-config", str(tmp_path / "hf")), None)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_kv_heads, cfg.norm_eps, fam) == (128, 32, 2, 1e-6, "llama")
+    common = ["--hf-config", str(tmp_path / "hf"), *BASE, "--save", str(tmp_path / "ck")]
+    assert PT.main(common) == 0
+    with pytest.raises(CheckpointError, match="num_layers: checkpoint=2 current=1"):
+        PT.main([*common, "--load", str(tmp_path / "ck"), "--num-layers", "1", "--train-iters", "4"])

@@ -1,0 +1,142 @@
+"""train_step / train loop: equivalence with a plain torch loop, accumulation = big batch,
+mixed precision, loss-scale skips in the log, metrics files and the plot script."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pmodel
+from pmodel import optim, tree
+from pmodel.precision import LossScale, Policy, cast_params, mixed_precision
+from pmodel.train import LoopConfig, TrainState, evaluate, flops_per_token, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(**kw):
+    return pmodel.families.preset("debug", **kw)
+
+
+def _batch(cfg, B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    lab = x[:, 1:].clone()
+    lab[0, :3] = -100
+    return {"tokens": x[:, :-1], "labels": lab}
+
+
+def _clone(p):
+    return tree.map(lambda t: t.detach().clone().requires_grad_(t.requires_grad), p)
+
+
+def test_train_step_matches_plain_torch_adamw():
+    model = _model()
+    params = pmodel.init(model, seed=0)
+    ref = _clone(params)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.0))
+    state = tx.init(params)
+    step = train_step(model, tx)
+    opt = torch.optim.AdamW(tree.leaves(ref), lr=1e-3, weight_decay=0.0)
+    for i in range(3):
+        b = _batch(model.config, seed=i)
+        params, state, m = step(params, state, b)
+        opt.zero_grad()
+        loss, _ = model.loss(ref, b)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(tree.leaves(ref), 1.0)
+        opt.step()
+        assert m["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+        assert m["grad_norm"] == pytest.approx(float(gn), rel=1e-5)
+    for (k, a), (_, b) in zip(tree.paths(params), tree.paths(ref)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    model = _model()
+    p1 = pmodel.init(model, seed=1)
+    p2 = _clone(p1)
+    tx = optim.sgd(0.5)
+    s1, s2 = tx.init(p1), tx.init(p2)
+    big = _batch(model.config, B=4, seed=3)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    _, _, m1 = train_step(model, tx)(p1, s1, big)
+    _, _, m2 = train_step(model, tx, policy=Policy(grad_accum_fp32=True))(p2, s2, halves)
+    assert m1["num_tokens"] == m2["num_tokens"] == 4 * 16 - 3
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6)
+    for (k, a), (_, b) in zip(tree.paths(p1), tree.paths(p2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bf16_training_tracks_fp32():
+    m32 = _model()
+    m16 = _model(dtype=torch.bfloat16)
+    p32 = pmodel.init(m32, seed=0)
+    p16 = cast_params(_clone(p32), torch.bfloat16)
+    pol = Policy(param_dtype="bf16", grad_accum_fp32=True)
+    tx16 = mixed_precision(optim.adamw(3e-3), pol)
+    tx32 = optim.adamw(3e-3)
+    s16, s32 = tx16.init(p16), tx32.init(p32)
+    st16, st32 = train_step(m16, tx16, policy=pol), train_step(m32, tx32)
+    b = _batch(m32.config, B=4, T=32)
+    for _ in range(5):
+        p16, s16, a = st16(p16, s16, b)
+        p32, s32, c = st32(p32, s32, b)
+        assert a["loss"] == pytest.approx(c["loss"], abs=0.05)   # bf16 activations: ~3 significant digits
+    assert p16["layers"][0]["attn"]["q_proj"]["weight"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision policy"):
+        train_step(m32, tx16, policy=pol)
+
+
+def test_loop_logs_metrics_evaluates_saves_and_plots(tmp_path):
+    model = _model()
+    params = pmodel.init(model, seed=0)
+    tx = optim.adamw(optim.megatron(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_steps=6, style="cosine"))
+    state = tx.init(params)
+    data = lambda start: (_batch(model.config, seed=start + i) for i in range(10**6))
+    ev = lambda: [_batch(model.config, seed=-1 - i) for i in range(2)]
+    lines = []
+    loop = LoopConfig(train_iters=6, log_interval=2, eval_interval=3, eval_iters=2, save_interval=3,
+                      save_dir=str(tmp_path / "ck"), metrics_path=str(tmp_path / "m.jsonl"), progress=False,
+                      peak_flops=1e12)
+    params, state, pos, hist = train(model, params, tx, state, data, loop=loop, eval_data=ev, log=lines.append)
+    assert pos == TrainState(step=6, consumed_samples=12)
+    recs = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    logs = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in logs] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    for r in logs:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_bytes"] > 0 and r["grad_norm"] > 0
+    assert logs[0]["lr"] == pytest.approx(1e-3 * 1 / 2)  # lr of the 2nd update (count 1 in warmup)
+    assert evals[-1]["eval_loss"] == pytest.approx(evaluate(model, params, ev())["loss"], rel=1e-6)
+    assert any(line.startswith("iter 2/6 | loss") and "mfu" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["iter_0000003", "iter_0000006", "latest"]
+    out = tmp_path / "curve.png"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), str(tmp_path / "m.jsonl"),
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fp16_overflow_skip_shows_in_log():
+    model = _model(dtype=torch.float16)
+    params = cast_params(pmodel.init(model, seed=0), torch.float16)
+    pol = Policy(param_dtype="fp16", loss_scale=LossScale(initial=2.0 ** 40, hysteresis=1))
+    tx = mixed_precision(optim.adamw(1e-3), pol)
+    state = tx.init(params)
+    lines = []
+    data = lambda start: (_batch(model.config, seed=i) for i in range(10**6))
+    params, state, pos, hist = train(model, params, tx, state, data, policy=pol, log=lines.append,
+                                     loop=LoopConfig(train_iters=3, log_interval=1, progress=False))
+    # 2**40 overflows fp16 gradients: the first steps are skipped and the scale halves each time
+    assert any("step skipped" in x for x in lines)
+    assert hist[0]["skipped"] == 1 and hist[0]["loss_scale"] == 2.0 ** 40
+    assert "loss scale" in lines[-1]
+
+
+def test_flops_per_token_formula():
+    cfg = _model().config
+    n = cfg.num_params(embeddings=False)
+    assert flops_per_token(cfg, 128) == 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128
