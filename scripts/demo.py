@@ -6,7 +6,7 @@ library's own source code (``sysconfig.get_paths()["stdlib"]``), present on ever
 
 1. trains a SentencePiece BPE tokenizer on the corpus (newlines kept as one ``↵`` piece, and
    whitespace preserved, so code indentation survives);
-2. tokenizes it; the last files (about 5%) are held out;
+2. tokenizes it; a seeded random 5% of the files is held out (the tokenizer never sees it);
 3. pretrains a small Llama (4 layers, hidden 128) with a progress bar;
 4. saves a training checkpoint, reloads it into freshly initialised params and checks that the
    held-out loss is identical;
@@ -42,7 +42,7 @@ NL = "\u21b5"  # "↵": stands for a newline inside SentencePiece sentences (whi
 
 
 def collect_text(args) -> tuple[list[str], str]:
-    """Documents (one per file) and a description of where they came from."""
+    """Documents (one per file, or 200-line pieces when there are few files) and where they came from."""
     if args.text_file:
         files = [Path(f) for f in args.text_file]
         where = ", ".join(str(f) for f in files)
@@ -51,11 +51,12 @@ def collect_text(args) -> tuple[list[str], str]:
         pattern = args.glob or ("*.py" if not args.text_dir else "*")
         files = sorted(p for p in d.rglob(pattern) if p.is_file() and "site-packages" not in p.parts)
         where = f"{d} ({pattern})"
-    docs, total = [], 0
+    docs, total, skipped = [], 0, []
     for f in files:
         try:
             t = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        except (UnicodeDecodeError, OSError) as e:
+            skipped.append(f"{f}: {type(e).__name__}")
             continue
         if not t.strip():
             continue
@@ -63,8 +64,20 @@ def collect_text(args) -> tuple[list[str], str]:
         total += len(t)
         if total >= args.max_chars:
             break
+    if skipped:
+        print(f"demo: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
     if not docs:
         raise SystemExit(f"demo: no readable UTF-8 text found in {where}")
+    if len(docs) < 20:
+        # Too few files for a file-level held-out split: cut them into 200-line pieces.
+        pieces = []
+        for d in docs:
+            lines = d.splitlines(keepends=True)
+            pieces += ["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]
+        where = f"{where} [{len(docs)} files cut into {len([p for p in pieces if p.strip()])} pieces]"
+        docs = [p for p in pieces if p.strip()]
+    else:
+        where = f"{where} [{len(docs)} files]"
     return docs, where
 
 
@@ -182,7 +195,13 @@ def main(argv=None) -> int:
 
     docs, where = collect_text(args)
     n_chars = sum(map(len, docs))
-    print(f"[1/5] corpus: {len(docs)} files, {n_chars / 1e6:.1f}M characters from {where}")
+    print(f"[1/5] corpus: {n_chars / 1e6:.1f}M characters from {where}")
+    # Hold out a seeded random 5% of the files (not the last ones in path order, which would be
+    # one corner of the corpus) and fit the tokenizer on the training files only.
+    order = np.random.default_rng(args.seed).permutation(len(docs))
+    n_hold = max(1, len(docs) // 20) if len(docs) > 1 else 0
+    hold_docs = [docs[i] for i in order[:n_hold]] or docs
+    docs = [docs[i] for i in order[n_hold:]]
     if args.hf_model:
         tok = HFTok(pdata.load_tokenizer(args.hf_model))
         model, params = pmodel.load_hf(args.hf_model, dtype=torch.float32)
@@ -197,9 +216,8 @@ def main(argv=None) -> int:
                           ffn_hidden_size=352, max_position_embeddings=args.seq_length, rope_theta=10000.0)
         model = build(cfg, family="llama")
         params = pmodel.init(model, seed=args.seed)
-    n_hold = max(1, len(docs) // 20)
-    train_ids = tokenize(docs[:-n_hold], tok, tok.eos_id)
-    hold_ids = tokenize(docs[-n_hold:], tok, tok.eos_id)
+    train_ids = tokenize(docs, tok, tok.eos_id)
+    hold_ids = tokenize(hold_docs, tok, tok.eos_id)
     if len(train_ids) <= args.seq_length + 1:
         raise SystemExit(f"demo: only {len(train_ids)} training tokens; need more than --seq-length {args.seq_length}")
     print(f"      tokens: {len(train_ids):,} train, {len(hold_ids):,} held out ({n_chars / (len(train_ids) + len(hold_ids)):.2f} chars/token)")
