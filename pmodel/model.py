@@ -496,7 +496,7 @@ class Model:
           batch: ``tokens``, ``labels`` (already shifted), optional ``loss_mask``,
             ``position_ids``, ``attention_mask``, ``cu_seqlens``.
           num_tokens: the denominator; default the batch's own count of counted tokens. Pass the
-            global count when accumulating gradients over micro-batches so their sum is the mean.
+            count over all micro-batches when accumulating gradients, so their sum is the mean.
 
         Returns:
           ``(loss, aux)`` with ``aux = {"num_tokens", "loss_sum", "per_token"}`` (detached).

@@ -16,7 +16,7 @@ produces gradients) and are padded to a multiple of the shard count so the distr
 can reduce-scatter them.
 
 Gradients are **summed** over dp, not averaged: :meth:`pmodel.model.Model.loss` takes the
-global token count as ``num_tokens``, so the summed gradient is exactly the single-process
+token count of the whole global batch as ``num_tokens``, so the summed gradient is exactly the single-process
 gradient of the global mean loss, whatever the per-rank token counts.
 """
 from __future__ import annotations
