@@ -20,14 +20,21 @@ restores params, optimizer state, step, RNG states and the data position from th
 checkpoint in DIR and continues bit-exactly (CPU fp32).
 
 Where things are built: :func:`build_model` (model + params from flags), :func:`build_optimizer`
-(optimizer + precision policy) and :func:`build_data` (iterators). Parallelism transforms hook in
-between ``build_model`` and ``build_optimizer`` in :func:`setup`.
+(optimizer + precision policy) and :func:`build_data` (iterators). Under ``torch.distributed.run``
+(or with any parallel flag) :func:`run_parallel` trains instead: tensor / sequence / pipeline /
+data parallel, the distributed optimizer, bf16 and per-rank checkpoints, e.g.::
+
+    python -m torch.distributed.run --nproc-per-node 4 scripts/pretrain.py --model debug --mock-data \\
+        --num-layers 4 --seq-length 32 --micro-batch-size 1 --global-batch-size 8 --train-iters 100 \\
+        --lr 1e-3 --pipeline-model-parallel-size 2 --pipeline-schedule zero-bubble \\
+        --use-distributed-optimizer --save ckpt --save-interval 50
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +50,7 @@ import pmodel  # noqa: E402
 from pmodel import data as pdata, optim  # noqa: E402
 from pmodel.checkpoint import state as ckpt  # noqa: E402
 from pmodel.model import ModelConfig, build  # noqa: E402
-from pmodel.precision import LossScale, Policy, cast_params, mixed_precision  # noqa: E402
+from pmodel.precision import LossScale, Policy, mixed_precision  # noqa: E402
 from pmodel.train import LoopConfig, TrainState, train  # noqa: E402
 
 # Megatron --tokenizer-type values -> pdata.load_tokenizer kinds.
@@ -173,13 +180,13 @@ def validate(args) -> None:
 def parallel_requested(args) -> bool:
     """Multi-process training: launched with several ranks or asked for by a parallel flag."""
     return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.tensor_model_parallel_size != 1
-            or args.sequence_parallel or args.use_distributed_optimizer or args.overlap_grad_reduce
-            or args.enable_high_availability)
+            or args.pipeline_model_parallel_size != 1 or args.sequence_parallel
+            or args.use_distributed_optimizer or args.overlap_grad_reduce or args.enable_high_availability)
 
 
 def validate_parallel(args, no) -> None:
-    """Tensor / data parallel flags: each takes effect (:func:`run_parallel`) or is refused here or
-    there with the reason (sizes that need the model config or the world size)."""
+    """Tensor / pipeline / data parallel flags: each takes effect (:func:`run_parallel`) or is refused
+    here or in :func:`parallel_layout` with the reason (sizes that need the model config or the world size)."""
     tp = args.tensor_model_parallel_size
     if tp < 1:
         no(f"--tensor-model-parallel-size must be >= 1, got {tp}")
@@ -190,14 +197,21 @@ def validate_parallel(args, no) -> None:
     if not parallel_requested(args):
         return
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        no("tensor / data parallel flags need one process per rank: launch with torchrun, e.g. "
+        no("tensor / pipeline / data parallel flags need one process per rank: launch with torchrun, e.g. "
            "python -m torch.distributed.run --nproc-per-node 2 scripts/pretrain.py ...")
-    unsupported = [flag for flag, on in (("--save", args.save), ("--load", args.load),
-                                         ("--eval-interval", args.eval_interval), ("--bf16", args.bf16),
-                                         ("--fp16", args.fp16), ("--peak-tflops", args.peak_tflops)) if on]
+    unsupported = [flag for flag, on in (("--eval-interval", args.eval_interval), ("--fp16", args.fp16),
+                                         ("--peak-tflops", args.peak_tflops)) if on]
     if unsupported:
-        no(f"{', '.join(unsupported)}: not wired into multi-process training yet (its loop trains fp32 and "
-           "logs; sharded checkpoints, evaluation and mixed precision run single-process only)")
+        no(f"{', '.join(unsupported)}: not wired into multi-process training yet (its loop logs training "
+           "loss only, has no loss scaling agreed across ranks for fp16, and reports no MFU); run "
+           "single-process for these")
+    if args.accumulate_allreduce_grads_in_fp32:
+        no("--accumulate-allreduce-grads-in-fp32: multi-process gradients accumulate in the parameters' dtype "
+           "in the data-parallel buckets; fp32 buckets are not wired yet")
+    if args.pipeline_model_parallel_size > 1 and args.overlap_grad_reduce:
+        no("--overlap-grad-reduce with --pipeline-model-parallel-size > 1: the pipeline interleaves the "
+           "micro-batches' backwards, so a bucket's gradients are complete only after the schedule ends; "
+           "the overlapped reduction is wired for pp = 1 only")
     if torch.device(args.device).type != "cpu":
         no(f"--device {args.device}: multi-process training from this script runs on CPU (gloo) only so far")
 
@@ -214,11 +228,28 @@ def validate_pipeline_recompute(args, no) -> None:
             if val is not None:
                 no(f"{flag} needs --pipeline-model-parallel-size > 1")
     else:
-        # The split / schedule are validated by pmodel.parallel.pipeline; this script's training
-        # loop is single-process, so a pipeline cannot run from here yet.
-        no(f"--pipeline-model-parallel-size {pp}: this script's training loop runs one process; "
-           "pipeline parallelism is available from Python via pmodel.parallel.pipeline "
-           "(see docs/pipeline.md) but is not wired into pretrain.py yet")
+        # Flag-only checks here; the split against the model's layer count and the micro-batch
+        # count are checked by pipeline_layout() once the config and world size are known.
+        if args.num_layer_list is not None:
+            try:
+                lst = [int(x) for x in args.num_layer_list.split(",")]
+            except ValueError:
+                no(f"--num-layer-list {args.num_layer_list!r}: expected comma-separated integers, e.g. 1,3")
+            if len(lst) != pp:
+                no(f"--num-layer-list {args.num_layer_list} has {len(lst)} entries; expected one per pipeline "
+                   f"stage (--pipeline-model-parallel-size {pp})")
+            if args.num_layers_per_virtual_pipeline_stage is not None:
+                no("--num-layer-list and --num-layers-per-virtual-pipeline-stage: a virtual stage size is one "
+                   "number for every rank, an uneven split is not; give one of them")
+        v = args.num_layers_per_virtual_pipeline_stage
+        if v is not None and v < 1:
+            no(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {v}")
+        if args.pipeline_schedule == "interleaved" and v is None:
+            no("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage (the model chunks "
+               "each rank interleaves)")
+        if args.pipeline_schedule in ("1f1b", "zero-bubble") and v is not None:
+            no(f"--num-layers-per-virtual-pipeline-stage makes virtual stages, which only the interleaved "
+               f"schedule runs; --pipeline-schedule {args.pipeline_schedule} would ignore them")
     if args.recompute_granularity is None:
         if args.recompute_method is not None or args.recompute_num_layers is not None:
             no("--recompute-method / --recompute-num-layers need --recompute-granularity full")
@@ -377,40 +408,220 @@ def setup(args):
         from pmodel.recompute import recompute
         model = recompute(model, args.recompute_granularity, args.recompute_method,
                           args.recompute_num_layers if args.recompute_granularity == "full" else None)
-    # (tensor / pipeline / data parallel transforms of model and params go here)
+    # (multi-process runs build their model, params and optimizer in run_parallel instead)
     tx, opt_state, policy = build_optimizer(args, model, params)
     return model, params, tx, opt_state, policy, tokenizer
 
 
-def run_parallel(args) -> int:
-    """Tensor / sequence / data parallel training through :func:`pmodel.parallel.parallelize`.
+def parallel_layout(args, cfg, world: int) -> dict:
+    """The multi-process layout from the flags, checked against the model config and the world
+    size before any process group exists (every rank refuses the same way, with the reason).
 
-    One process per rank (torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Each rank
-    initialises only its TP shards (equal to slicing the single-process init), takes its dp share
-    of every global batch's micro-batches, and logs (rank 0) the global mean loss.
+    Returns:
+      ``{"tp", "pp", "dp", "microbatches", "layers_per_stage", "virtual_stages", "schedule",
+      "stages"}``; ``microbatches`` is the micro-batches per data-parallel rank and step (the
+      pipeline's ``M``), ``stages`` the ``(first_layer, num_layers)`` of every virtual stage.
+    """
+    from pmodel.parallel.pipeline import split_layers
+    from pmodel.parallel.tensor import tp_size_problems
+
+    def no(msg):
+        raise SystemExit(f"pretrain.py: {msg}")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    problems = tp_size_problems(cfg, tp)
+    if problems:
+        no(f"--tensor-model-parallel-size {tp}: " + "; ".join(problems))
+    if world % (tp * pp):
+        no(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp} does not divide "
+           f"the world size {world}")
+    dp, gbs = world // (tp * pp), args.global_batch_size or args.micro_batch_size
+    n_micro = gbs // args.micro_batch_size
+    if n_micro % dp:
+        no(f"the global batch ({n_micro} micro-batches of {args.micro_batch_size}) does not split evenly over "
+           f"data-parallel size {dp}")
+    k = n_micro // dp
+    lps = [int(x) for x in args.num_layer_list.split(",")] if args.num_layer_list else None
+    V, nl = 1, args.num_layers_per_virtual_pipeline_stage
+    if nl is not None:
+        if cfg.num_layers % (pp * nl):
+            no(f"--num-layers-per-virtual-pipeline-stage {nl}: {cfg.num_layers} layers do not split into "
+               f"{pp} pipeline stages of chunks of {nl} layers")
+        V = cfg.num_layers // (pp * nl)
+        if V < 2:
+            no(f"--num-layers-per-virtual-pipeline-stage {nl} gives each of the {pp} stages one chunk of "
+               f"{cfg.num_layers // pp} layers; the interleaved schedule needs at least 2 chunks per stage "
+               "(give a smaller value, or drop the flag for 1F1B)")
+    schedule = args.pipeline_schedule or ("interleaved" if V > 1 else "1f1b")
+    try:
+        stages = split_layers(cfg.num_layers, pp, lps, V)
+    except ValueError as e:
+        no(f"--pipeline-model-parallel-size {pp} / --num-layer-list: {e}")
+    if schedule == "interleaved" and k % pp:
+        no(f"--pipeline-schedule interleaved needs the micro-batches per data-parallel rank ({k} = global batch "
+           f"{gbs} / (micro batch {args.micro_batch_size} x dp {dp})) to be a multiple of "
+           f"--pipeline-model-parallel-size {pp} (Megatron's requirement)")
+    if pp > 1 and cfg.tie_embeddings:
+        if tp > 1:
+            no("tied embeddings with tensor parallel and --pipeline-model-parallel-size > 1 is not supported yet "
+               "(pmodel.parallel.pipeline raises NotImplementedError: the vocab-parallel embedding's gradient is "
+               "not summed between the first and last stage)")
+        if args.use_distributed_optimizer:
+            no("tied embeddings with --pipeline-model-parallel-size > 1 and --use-distributed-optimizer: the "
+               "distributed optimizer's global gradient norm would count the embedding's two stage copies "
+               "twice (not supported yet; drop --use-distributed-optimizer or untie the embeddings)")
+    return {"tp": tp, "pp": pp, "dp": dp, "microbatches": k, "layers_per_stage": lps, "virtual_stages": V,
+            "schedule": schedule, "stages": [list(s) for s in stages]}
+
+
+PARALLEL_FORMAT = "pmodel-parallel-checkpoint"
+BUCKET_NUMEL = 40_000_000  # DataParallel and the distributed optimizer must agree on it
+
+
+def _ckpt_layout(args, lay: dict, world: int) -> dict:
+    """What a multi-process checkpoint's shards depend on (a resume must match it)."""
+    return {"world_size": world, "tp": lay["tp"], "pp": lay["pp"], "dp": lay["dp"], "stages": lay["stages"],
+            "distributed_optimizer": bool(args.use_distributed_optimizer),
+            "high_availability": bool(args.enable_high_availability)}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_parallel(root, step: int, consumed: int, params, opt_state, *, rank: int, layout: dict, config: dict,
+                  extra: dict) -> Path:
+    """Save a multi-process checkpoint (collective: every rank calls it).
+
+    Layout: ``root/iter_NNNNNNN/manifest.json`` (format, step, layout, config) and one
+    :func:`pmodel.checkpoint.state.save` root per global rank, ``rank_RRRRR/`` (that rank's
+    params: its TP shards / stage layers by global path; its optimizer state, including its
+    distributed-optimizer shard; its RNG states; the data position). Ranks write into a hidden
+    temp folder; after a barrier rank 0 writes the manifest, renames the folder into place and
+    only then moves ``root/latest``, so a crash mid-save leaves the previous checkpoint loadable.
+    """
+    import torch.distributed as dist
+    root = Path(root)
+    name = f"iter_{int(step):07d}"
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    ckpt.save(tmp / f"rank_{rank:05d}", step, params=params, opt_state=opt_state, config=config,
+              data={"consumed_samples": int(consumed)}, extra=extra)
+    dist.barrier()
+    final = root / name
+    if rank == 0:
+        man = {"format": PARALLEL_FORMAT, "version": 1, "step": int(step), "consumed_samples": int(consumed),
+               "layout": layout, "config": config}
+        (tmp / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True))
+        _fsync(tmp / "manifest.json")
+        _fsync(tmp)
+        old = None
+        if final.exists():  # re-saving a step: move the old one aside, drop it once the new one is in place
+            old = root / f".tmp-old-{name}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(root)
+        lt = root / ".tmp-latest"
+        lt.write_text(name + "\n")
+        _fsync(lt)
+        os.replace(lt, root / ckpt.LATEST)  # the pointer moves last
+        _fsync(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_parallel(root, params, opt_state, *, rank: int, layout: dict, config: dict):
+    """Resume from the latest multi-process checkpoint under ``root`` (every rank calls it).
+
+    Returns:
+      ``(params, opt_state, step, consumed_samples, folder)`` or None when ``root`` holds no
+      checkpoint. Raises SystemExit naming the file and the differing fields when the checkpoint
+      was written by a single-process run or under another layout / model config.
+    """
+    d = ckpt.latest(root)
+    if d is None:
+        return None
+    mf = d / "manifest.json"
+    man = json.loads(mf.read_text())
+    if man.get("format") != PARALLEL_FORMAT:
+        raise SystemExit(f"pretrain.py: {mf} is a {man.get('format')!r} checkpoint, not a multi-process one "
+                         f"({PARALLEL_FORMAT!r}); resume it single-process, or start the parallel run from scratch")
+    diff = ckpt.config_diff(man["layout"], layout)
+    if diff:
+        raise SystemExit(f"pretrain.py: {mf} was saved under another parallel layout (resharding is not "
+                         "supported yet); differing: " + "; ".join(diff))
+    diff = ckpt.config_diff(man.get("config"), config)
+    if diff:
+        raise SystemExit(f"pretrain.py: {mf} was saved for another model config; differing fields: " + "; ".join(diff))
+    try:
+        params, opt_state, m = ckpt.load(d / f"rank_{rank:05d}", params=params, opt_state=opt_state, config=config)
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"pretrain.py: rank {rank}: {e}") from None
+    if m["step"] != man["step"]:
+        raise SystemExit(f"pretrain.py: {d / f'rank_{rank:05d}'} holds step {m['step']}, {mf} says {man['step']}")
+    return params, opt_state, man["step"], int(m["data"]["consumed_samples"]), d
+
+
+def _pp_grad_norm(stage_model, params, mesh, skip_path: str | None) -> torch.Tensor:
+    """Global gradient norm of pipeline-stage params: TP-weighted per leaf, summed over tp and pp.
+
+    ``skip_path`` (the last stage's copy of a tied embedding) is left out so the tied weight counts
+    once, as in the single-process norm.
+    """
+    from pmodel import tree
+    from pmodel.parallel import comm
+    from pmodel.parallel.optimizer import norm_weights
+    sq = torch.zeros((), dtype=torch.float64)
+    for (path, p), w in zip(tree.paths(params), norm_weights(stage_model, params)):
+        if p.grad is not None and path != skip_path:
+            sq = sq + w * p.grad.detach().double().pow(2).sum()
+    sq = comm.all_reduce(comm.all_reduce(sq, mesh.group("tp")), mesh.group("pp"))
+    return sq.sqrt().float()
+
+
+def run_parallel(args) -> int:
+    """Tensor / sequence / pipeline / data parallel training (one process per rank).
+
+    torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT give the ranks; the mesh is
+    ``pp x dp x tp`` (tp fastest, Megatron's order). Each rank initialises only its TP shards of
+    its pipeline stage's leaves (equal to slicing the single-process keyed init) and takes its dp
+    share of every global batch's micro-batches; with pp > 1 those run through
+    :func:`pmodel.parallel.pipeline.pipeline` (1F1B / interleaved / zero-bubble), with pp = 1
+    through :func:`pmodel.parallel.parallelize`'s step. Rank 0 logs the global mean loss (the
+    pipeline broadcasts it from the last stage, then it is summed over dp), the lr and the
+    global gradient norm. ``--save`` / ``--load`` write and resume per-rank shards
+    (:func:`save_parallel`, :func:`load_parallel`).
     """
     import torch.distributed as dist
 
-    from pmodel.parallel import Mesh, init_distributed, parallelize
-    from pmodel.parallel.tensor import tp_size_problems
+    from pmodel import tree
+    from pmodel.parallel import Mesh, comm, init_distributed, parallelize
+    from pmodel.parallel.data import DataParallel
+    from pmodel.parallel.optimizer import distributed_optimizer
+    from pmodel.parallel.pipeline import pipeline
+    from pmodel.parallel.tensor import sync_replicated_grads, tensor_parallel
 
-    tp, world, rank = args.tensor_model_parallel_size, int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args)
     cfg, family = build_config(args, tokenizer)
-    problems = tp_size_problems(cfg, tp)
-    if problems:
-        raise SystemExit(f"pretrain.py: --tensor-model-parallel-size {tp}: " + "; ".join(problems))
-    if world % tp:
-        raise SystemExit(f"pretrain.py: --tensor-model-parallel-size {tp} does not divide the world size {world}")
-    dp, gbs = world // tp, args.global_batch_size or args.micro_batch_size
-    n_micro = gbs // args.micro_batch_size
-    if n_micro % dp:
-        raise SystemExit(f"pretrain.py: the global batch ({n_micro} micro-batches of {args.micro_batch_size}) "
-                         f"does not split evenly over data-parallel size {dp}")
+    lay = parallel_layout(args, cfg, world)
+    tp, pp, dp, k = lay["tp"], lay["pp"], lay["dp"], lay["microbatches"]
+    gbs = args.global_batch_size or args.micro_batch_size
+    clip = args.clip_grad if args.clip_grad > 0 else None
     init_distributed(rank=rank, world_size=world, device_type="cpu")
     try:
-        mesh = Mesh.build(tp=tp)
+        mesh = Mesh.build(tp=tp, pp=pp)
         model = build(cfg, family=family)
         if args.recompute_granularity is not None:
             from pmodel.recompute import recompute
@@ -419,38 +630,119 @@ def run_parallel(args) -> int:
         sched = optim.megatron(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
                                decay_steps=args.lr_decay_iters or args.train_iters, style=args.lr_decay_style)
         tx = optim.adamw(sched, args.adam_beta1, args.adam_beta2, args.adam_eps, args.weight_decay)
-        try:  # clipping goes to parallelize: a clip inside tx would see only local shards
-            plan = parallelize(model, tx, mesh, sequence_parallel=args.sequence_parallel,
-                               distributed_optimizer=args.use_distributed_optimizer,
-                               overlap_grad_reduce=args.overlap_grad_reduce,
-                               high_availability=args.enable_high_availability,
-                               max_grad_norm=args.clip_grad if args.clip_grad > 0 else None)
-        except ValueError as e:
-            raise SystemExit(f"pretrain.py: {e}") from None
-        params = pmodel.init(plan.model, seed=args.seed)
-        opt_state = plan.tx.init(params)
-        buckets = plan.data_parallel(params)
+        if args.bf16 and not args.use_distributed_optimizer:
+            # bf16 params and activations, fp32 main weights and moments in the optimizer state (the
+            # distributed optimizer keeps fp32 main shards itself, so it takes the plain adamw).
+            tx = mixed_precision(tx, Policy(param_dtype=torch.bfloat16))
+        if pp == 1:
+            try:  # clipping goes to parallelize: a clip inside tx would see only local shards
+                plan = parallelize(model, tx, mesh, sequence_parallel=args.sequence_parallel,
+                                   distributed_optimizer=args.use_distributed_optimizer,
+                                   overlap_grad_reduce=args.overlap_grad_reduce,
+                                   high_availability=args.enable_high_availability,
+                                   bucket_numel=BUCKET_NUMEL, max_grad_norm=clip)
+            except ValueError as e:
+                raise SystemExit(f"pretrain.py: {e}") from None
+            params = pmodel.init(plan.model, seed=args.seed)
+            tx = plan.tx
+        else:
+            try:
+                tpm = tensor_parallel(model, mesh, sequence_parallel=args.sequence_parallel)
+                pipe = pipeline(tpm, mesh, lay["schedule"], microbatches=k, layers_per_stage=lay["layers_per_stage"],
+                                virtual_stages=lay["virtual_stages"])
+            except (ValueError, NotImplementedError) as e:
+                raise SystemExit(f"pretrain.py: {e}") from None
+            # The stage's view of the model: its declarations are exactly the stage params' leaves,
+            # which the TP-aware norm weights and the replicated-gradient sync walk.
+            stage_model = tpm.replace(defs=pipe.stage_defs())
+            if args.use_distributed_optimizer:
+                if dp == 1:
+                    import warnings
+                    warnings.warn("--use-distributed-optimizer with data-parallel size 1: there is nothing to shard "
+                                  "the optimizer state over, so it saves no memory", UserWarning, stacklevel=1)
+                tx = distributed_optimizer(tx, mesh, model=stage_model, replica=args.enable_high_availability,
+                                           bucket_numel=BUCKET_NUMEL, max_grad_norm=clip)
+            params = pipe.init(seed=args.seed)
+            tied_copy = "embed.weight" if cfg.tie_embeddings and pipe.is_last and not pipe.is_first else None
+        opt_state = tx.init(params)
+        layout = _ckpt_layout(args, lay, world)
+        start, consumed = 0, 0
+        if args.load:
+            got = load_parallel(args.load, params, opt_state, rank=rank, layout=layout, config=cfg.to_dict())
+            if got is None:
+                if rank == 0:
+                    print(f"no checkpoint under --load {args.load}; starting from scratch")
+            else:
+                params, opt_state, start, consumed, where = got
+                if rank == 0:
+                    print(f"resumed from {where} at iteration {start} ({consumed} samples consumed)")
+        if pp == 1:
+            buckets = plan.data_parallel(params)
+        else:
+            reduce = ("reduce_scatter" if args.use_distributed_optimizer and not args.enable_high_availability
+                      else "all_reduce")
+            buckets = DataParallel(params, mesh, bucket_numel=BUCKET_NUMEL, reduce=reduce)
+
+        def pp_step(micros):
+            # This rank's micro-batches as one batch; the pipeline cuts it back into k of them.
+            local = {key: torch.cat([m[key] for m in micros]) for key in micros[0]}
+            cnt = ((local["labels"] != -100) & (local["loss_mask"] > 0)).sum()
+            total = comm.all_reduce(cnt, mesh.group("dp")).clamp(min=1)  # the global loss denominator
+            loss, _ = pipe.forward_backward(params, local, num_tokens=total)
+            buckets.finish()
+            sync_replicated_grads(stage_model, params)  # SP norms / LoRA factors over TP
+            grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
+            norm = None
+            if not args.use_distributed_optimizer:
+                norm = _pp_grad_norm(stage_model, params, mesh, tied_copy)
+                if clip is not None:
+                    coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+                    # in fp32: the mixed-precision optimizer then sees the unrounded clipped gradient
+                    grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
+                                     is_leaf=lambda x: x is None)
+            updates, state = tx.update(grads, opt_state, params)
+            optim.apply_updates(params, updates)
+            buckets.zero_grad()
+            if args.use_distributed_optimizer:
+                norm = state.grad_norm
+            return state, {"loss": comm.all_reduce(loss, mesh.group("dp")), "grad_norm": norm}
+
         train_data, _ = build_data(args, model)
-        lead, k, r = rank == 0, n_micro // dp, mesh.rank("dp")
-        out = open(args.metrics_file, "a") if lead and args.metrics_file else None
+        lead, r = rank == 0, mesh.rank("dp")
+        metrics = args.metrics_file or (str(Path(args.save) / "metrics.jsonl") if args.save else None)
+        out = open(metrics, "a") if lead and metrics else None
         if lead:
-            print(f"parallel: world {world} = tp {tp} x dp {dp}; sequence parallel {args.sequence_parallel}, "
-                  f"distributed optimizer {args.use_distributed_optimizer}, overlap {args.overlap_grad_reduce}, "
-                  f"high availability {args.enable_high_availability}; {cfg.num_params() / 1e6:.2f}M params")
-        t0 = time.perf_counter()
-        for step, micros in zip(range(1, args.train_iters + 1), train_data(0)):
-            opt_state, m = plan.step(params, opt_state, buckets, micros[r * k:(r + 1) * k])
+            extra = (f", pipeline {lay['schedule']} with {k} micro-batches, stages {lay['stages']}" if pp > 1 else "")
+            print(f"parallel: world {world} = pp {pp} x dp {dp} x tp {tp}{extra}; sequence parallel "
+                  f"{args.sequence_parallel}, distributed optimizer {args.use_distributed_optimizer}, overlap "
+                  f"{args.overlap_grad_reduce}, high availability {args.enable_high_availability}; "
+                  f"{cfg.num_params() / 1e6:.2f}M params", flush=True)
+        save_extra = {"args": {a: v for a, v in vars(args).items()}}
+        t0, saved_at, step = time.perf_counter(), start, start
+        for step, micros in zip(range(start + 1, args.train_iters + 1), train_data(consumed)):
+            mine = micros[r * k:(r + 1) * k]
+            if pp == 1:
+                opt_state, m = plan.step(params, opt_state, buckets, mine)
+            else:
+                opt_state, m = pp_step(mine)
+            if args.save and args.save_interval and step % args.save_interval == 0:
+                save_parallel(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
+                              config=cfg.to_dict(), extra=save_extra)
+                saved_at = step
             if step % args.log_interval and step != args.train_iters:
                 continue
             rec = {"step": step, "loss": float(m["loss"]), "lr": optim.current_lr(opt_state),
                    "grad_norm": float(m["grad_norm"]), "consumed_samples": step * gbs,
-                   "time_per_iter_s": (time.perf_counter() - t0) / step}
+                   "time_per_iter_s": (time.perf_counter() - t0) / (step - start)}
             if lead:
                 print(f"iter {step}/{args.train_iters} | loss {rec['loss']:.4f} | lr {rec['lr'] or 0:.3e} | "
                       f"grad norm {rec['grad_norm']:.3f}", flush=True)
                 if out is not None:
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
+        if args.save and saved_at != step:  # a final checkpoint, as the single-process loop writes
+            save_parallel(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
+                          config=cfg.to_dict(), extra=save_extra)
         if out is not None:
             out.close()
     finally:

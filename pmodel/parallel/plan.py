@@ -91,7 +91,10 @@ class ParallelPlan:
             norm = grad_norm(self.model, params, self.mesh)
             if self.max_grad_norm is not None:
                 coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-                grads = tree.map(lambda g: None if g is None else g * coef, grads, is_leaf=lambda x: x is None)
+                # Clip in fp32 (a no-op cast for fp32 grads): bf16 grads times coef would round the
+                # clipped gradient to bf16 before the fp32 main-weight optimizer sees it.
+                grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
+                                 is_leaf=lambda x: x is None)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         apply_updates(params, updates)
         dp.zero_grad()
