@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-model", help="start from this HF checkpoint folder (its tokenizer and weights)")
     ap.add_argument("--out", default="runs/demo", help="output folder (tokenizer, checkpoint, metrics); runs/ is git-ignored")
     ap.add_argument("--max-chars", type=int, default=4_000_000, help="read at most this much text")
-    ap.add_argument("--vocab-size", type=int, default=2000, help="SentencePiece vocabulary size")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="SentencePiece vocabulary size (default 2000; not with --hf-model, whose tokenizer is used)")
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-length", type=int, default=128)
@@ -188,6 +189,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.glob and args.text_file:
         ap.error("--glob applies to a folder, not to --text-file")
+    if args.vocab_size is not None and args.hf_model:
+        ap.error("--vocab-size sizes the tokenizer the demo trains; --hf-model brings its own tokenizer")
+    for flag in ("iters", "batch_size", "seq_length", "max_chars"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.lr is not None and args.lr <= 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
         print(f"[2/5] tokenizer and weights from {args.hf_model}: vocab {tok.vocab_size}")
     else:
         t0 = time.perf_counter()
-        tok = train_tokenizer(docs, out, args.vocab_size, args.seed)
+        tok = train_tokenizer(docs, out, args.vocab_size or 2000, args.seed)
         print(f"[2/5] trained a SentencePiece BPE tokenizer, vocab {tok.vocab_size}, in "
               f"{time.perf_counter() - t0:.0f}s -> {out / 'tokenizer.model'}")
         cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,

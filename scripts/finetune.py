@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pmodel  # noqa: E402
@@ -68,12 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_common(t)
     g = t.add_argument_group("data")
     g.add_argument("--data-path", required=True, help=".json/.jsonl records, or a preprocess_data prefix")
-    g.add_argument("--data-style", default="alpaca", choices=("alpaca", "sharegpt"), help="raw record format")
+    g.add_argument("--data-style", default=None, choices=("alpaca", "sharegpt"),
+                   help="raw record format (default: alpaca)")
     g.add_argument("--map-keys", default=None, help="JSON object of field renames for raw records")
     g.add_argument("--prompt-type", default=None,
                    help="chat template for raw records (default: the model family's)")
     g.add_argument("--tokenizer", default=None, help="tokenizer file/folder (default: --load-hf)")
-    g.add_argument("--seq-length", type=int, default=512, help="rows are padded to at most this")
+    g.add_argument("--seq-length", type=int, default=512,
+                   help="training positions per row at most: longer raw records lose later turns or are "
+                        "skipped; a longer preprocessed example is refused")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N records")
     g = t.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -128,9 +132,23 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.lora_dropout is not None and not 0.0 <= a.lora_dropout < 1.0:
         p.error("--lora-dropout must be in [0, 1)")
+    for name in ("max_samples", "eval_samples", "save_interval", "clip_grad", "lr_warmup_iters"):
+        v = getattr(a, name)
+        if v is not None and v < (1 if name == "max_samples" else 0):
+            p.error(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_samples' else 0}, got {v}")
+    if a.lr_decay_style == "constant" and a.min_lr != 0.0:
+        p.error("--min-lr is the floor of a decaying schedule; --lr-decay-style constant never uses it")
+    if a.map_keys is not None:
+        try:
+            mk = json.loads(a.map_keys)
+        except json.JSONDecodeError as e:
+            p.error(f"--map-keys is not valid JSON: {e}")
+        if not isinstance(mk, dict) or not all(isinstance(v, str) for v in mk.values()):
+            p.error("--map-keys must be a JSON object of strings")
     raw = a.data_path.endswith((".json", ".jsonl"))
     if not raw:
-        unused = {"--prompt-type": a.prompt_type, "--map-keys": a.map_keys, "--max-samples": a.max_samples}
+        unused = {"--prompt-type": a.prompt_type, "--map-keys": a.map_keys, "--max-samples": a.max_samples,
+                  "--data-style": a.data_style, "--tokenizer": a.tokenizer}
         bad = [k for k, v in unused.items() if v is not None]
         if bad:
             p.error(f"{bad} apply to raw .json/.jsonl records; {a.data_path} is a preprocessed prefix")
@@ -174,6 +192,17 @@ def load_examples(args, model) -> tuple[object, dict]:
     """The training examples and a summary of what was read / skipped."""
     if not args.data_path.endswith((".json", ".jsonl")):
         ds = InstructionDataset(args.data_path)
+        # --seq-length bounds every row. Rows come whole from the preprocessed documents (a
+        # packed document is one row), so a longer one is refused rather than trained at full
+        # length. Training positions per document: sum over its sequences of (length - 1).
+        pos = np.concatenate([[0], np.cumsum(ds.ids.sequence_lengths.astype(np.int64) - 1)])  # (S+1,)
+        doc = ds.ids.document_indices  # (D+1,)
+        per_doc = pos[doc[1:]] - pos[doc[:-1]]  # (D,)
+        if per_doc.size and int(per_doc.max()) > args.seq_length:
+            k = int(per_doc.argmax())
+            raise SystemExit(f"{args.data_path}: example {k} has {int(per_doc[k])} training positions, more "
+                             f"than --seq-length {args.seq_length}; pass --seq-length {int(per_doc.max())} or "
+                             f"re-run preprocess_data.py with --seq-length {args.seq_length}")
         return ds, {"source": "preprocessed", "examples": len(ds)}
     tok = load_tokenizer(args.tokenizer or args.load_hf, vocab_size=model.config.vocab_size)
     template = args.prompt_type or pmodel.families.get(model.family).chat_template
@@ -184,7 +213,7 @@ def load_examples(args, model) -> tuple[object, dict]:
     examples, skipped = [], {}
     for rec in records:
         try:
-            r = encode_record(rec, tok, template, style=args.data_style, map_keys=map_keys,
+            r = encode_record(rec, tok, template, style=args.data_style or "alpaca", map_keys=map_keys,
                               max_len=args.seq_length + 1)  # +1: shifting drops one token
         except RecordError as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1

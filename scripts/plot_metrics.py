@@ -15,13 +15,22 @@ from pathlib import Path
 
 def read(path: Path) -> list[dict]:
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"{path}: cannot read ({type(e).__name__}: {e})")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             sys.exit(f"{path}:{n}: not a JSON line ({e.msg})")
+        # a loss record must say which step it belongs to (e.g. finetune.py's stdout uses "iter")
+        if not isinstance(rec, dict) or (("loss" in rec or "eval_loss" in rec) and "step" not in rec):
+            sys.exit(f"{path}:{n}: expected a JSON object with 'step' next to 'loss' / 'eval_loss' "
+                     "(pmodel.train metrics), got " + line[:80])
+        out.append(rec)
     return out
 
 

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, nargs="+",
                    help="file(s) or directory: .jsonl / .json / .txt (one document per line) / .parquet")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise (pretraining)")
+    g.add_argument("--json-keys", nargs="+", default=None,
+                   help="keys to tokenise (GeneralPretrainHandler only; default: text)")
     g.add_argument("--handler-name", default="GeneralPretrainHandler", choices=HANDLERS)
     g.add_argument("--prompt-type", default=None, choices=sorted(TEMPLATES),
                    help="chat template for instruction handlers (default: empty)")
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--append-eod", action="store_true", help="append EOS to each pretraining document")
     g.add_argument("--seq-length", type=int, default=None,
-                   help="instruction data: drop later turns / drop and count samples longer than this")
+                   help="instruction handlers only: drop later turns / drop and count samples longer than this "
+                        "(refused for GeneralPretrainHandler: pretrain.py cuts samples at training time)")
     g.add_argument("--pack", action="store_true", help="pack instruction samples up to --seq-length")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1)
@@ -70,9 +72,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.tokenizer_model and args.tokenizer_name_or_path:
+        print("error: give one of --tokenizer-model and --tokenizer-name-or-path (both name the tokenizer)",
+              file=sys.stderr)
+        return 2
     tok = args.tokenizer_model or args.tokenizer_name_or_path
     if tok is None and args.tokenizer_type != "ByteTokenizer":
         print("error: give --tokenizer-model or --tokenizer-name-or-path", file=sys.stderr)
+        return 2
+    if tok is not None and args.tokenizer_type == "ByteTokenizer":
+        print(f"error: --tokenizer-type ByteTokenizer reads no file; drop {tok} or pick the type that reads it",
+              file=sys.stderr)
+        return 2
+    if args.json_keys is not None and args.handler_name != "GeneralPretrainHandler":
+        print(f"error: --json-keys applies to GeneralPretrainHandler; {args.handler_name} reads its fields "
+              "by name (rename them with --map-keys)", file=sys.stderr)
         return 2
     map_keys = {}
     if args.map_keys:
@@ -87,13 +101,13 @@ def main(argv=None) -> int:
     try:
         cfg = PreprocessConfig(
             inputs=tuple(args.input), output_prefix=args.output_prefix, tokenizer=tok or "bytes",
-            tokenizer_kind=_TOKENIZER_TYPES[args.tokenizer_type], json_keys=tuple(args.json_keys),
+            tokenizer_kind=_TOKENIZER_TYPES[args.tokenizer_type], json_keys=tuple(args.json_keys or ["text"]),
             handler=args.handler_name, prompt_type=args.prompt_type, map_keys=map_keys,
             append_eod=args.append_eod, seq_length=args.seq_length, pack=args.pack,
             workers=args.workers, chunk_size=args.chunk_size, strict=args.strict,
             log_interval=args.log_interval, progress=not args.no_progress)
         report = preprocess(cfg)
-    except (PreprocessError, FileNotFoundError) as e:
+    except (PreprocessError, FileNotFoundError, ValueError) as e:  # e.g. an unreadable tokenizer file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(report.summary())

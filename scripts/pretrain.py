@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int)
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int)
-    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, help="batches per evaluation (needs --eval-interval; default 100)")
     g.add_argument("--metrics-file", help="JSON-lines metrics (default: <save>/metrics.jsonl when --save)")
     g.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s, to report MFU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,6 +149,21 @@ def validate(args) -> None:
         no("--model and --hf-config both pick an architecture; give one")
     if args.bf16 and args.fp16:
         no("--bf16 and --fp16 are exclusive")
+    for flag in ("seq_length", "micro_batch_size", "global_batch_size", "log_interval"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            no(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if args.clip_grad < 0:
+        no(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
+    if args.eval_iters is not None and not args.eval_interval:
+        no("--eval-iters sets the batches per evaluation; without --eval-interval nothing is evaluated")
+    if args.lr_decay_iters is not None and args.lr_decay_style not in ("linear", "cosine"):
+        no(f"--lr-decay-iters: --lr-decay-style {args.lr_decay_style} has no decay length (only linear and cosine do)")
+    if args.lr_decay_style == "constant" and args.min_lr != 0.0:
+        no("--min-lr is the floor of a decaying schedule; --lr-decay-style constant never uses it")
+    if args.tokenizer_type == "ByteTokenizer" and args.tokenizer_model:
+        no(f"--tokenizer-type ByteTokenizer reads no file; drop --tokenizer-model {args.tokenizer_model} "
+           "or pick the type that reads it")
     if (args.initial_loss_scale is not None or args.loss_scale_window is not None) and not args.fp16:
         no("--initial-loss-scale / --loss-scale-window need --fp16 (bf16 and fp32 train without loss scaling)")
     if args.accumulate_allreduce_grads_in_fp32 and not (args.bf16 or args.fp16):
@@ -261,6 +276,11 @@ def validate_pipeline_recompute(args, no) -> None:
         no("--recompute-granularity full needs --recompute-method uniform or block")
 
 
+def _eval_iters(args) -> int:
+    # None when the flag is left out, so validate() can refuse it without --eval-interval
+    return 100 if args.eval_iters is None else args.eval_iters
+
+
 def load_tokenizer(args):
     if not args.tokenizer_model and not args.tokenizer_type:
         return None
@@ -366,7 +386,7 @@ def build_data(args, model):
         train_ds = MockDataset(model.config.vocab_size, args.seq_length, args.seed)
         valid_ds = MockDataset(model.config.vocab_size, args.seq_length, args.seed + 1)
     else:
-        n_eval = ((args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs) if args.eval_interval else 0
+        n_eval = ((args.train_iters // args.eval_interval + 1) * _eval_iters(args) * gbs) if args.eval_interval else 0
         train_ds, valid_ds, _ = build_pretrain_datasets(
             args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
             num_samples=[args.train_iters * gbs, max(n_eval, 1), 1])
@@ -755,7 +775,10 @@ def main(argv=None) -> int:
     validate(args)
     if parallel_requested(args):
         return run_parallel(args)
-    model, params, tx, opt_state, policy, _ = setup(args)
+    try:
+        model, params, tx, opt_state, policy, _ = setup(args)
+    except (ValueError, FileNotFoundError) as e:  # bad flags / files: a message, not a traceback
+        raise SystemExit(f"pretrain.py: {e}") from None
     cfg = model.config
     state = TrainState()
     if args.load:
@@ -774,7 +797,7 @@ def main(argv=None) -> int:
           f"global batch {gbs} x {args.seq_length} tokens, {gbs // args.micro_batch_size} micro-batch(es)")
     metrics = args.metrics_file or (str(Path(args.save) / "metrics.jsonl") if args.save else None)
     loop = LoopConfig(train_iters=args.train_iters, log_interval=args.log_interval, eval_interval=args.eval_interval,
-                      eval_iters=args.eval_iters, save_interval=args.save_interval, save_dir=args.save,
+                      eval_iters=_eval_iters(args), save_interval=args.save_interval, save_dir=args.save,
                       metrics_path=metrics, progress=not args.no_progress,
                       peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
     t0 = time.perf_counter()

@@ -139,3 +139,35 @@ def test_script_cli_on_shared_data(tmp_path, capsys):
     assert main(cmd) == 0
     ds = InstructionDataset(sft)
     assert len(ds) > 0 and all(len(ds[i]["tokens"]) <= 512 for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(seq_length=128), r"--seq-length apply to the instruction handlers only"),
+    (dict(prompt_type="chatml"), r"--prompt-type apply to the instruction handlers only"),
+    (dict(map_keys={"text": "body"}), r"--map-keys apply to the instruction handlers only"),
+    (dict(handler="AlpacaStyleInstructionHandler", append_eod=True), r"--append-eod applies to GeneralPretrainHandler"),
+])
+def test_config_refuses_options_the_handler_would_ignore(tmp_path, kw, msg):
+    with pytest.raises(PreprocessError, match=msg):
+        _cfg(tmp_path, [tmp_path / "x.jsonl"], **kw)
+
+
+def test_script_refuses_flags_it_would_ignore(tmp_path, capsys):
+    main = _script_main()
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "hello"}\n', encoding="utf-8")
+    base = ["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (["--tokenizer-type", "ByteTokenizer", "--seq-length", "16"], "--seq-length apply to the instruction"),
+        (["--tokenizer-type", "ByteTokenizer", "--tokenizer-model", str(src)], "ByteTokenizer reads no file"),
+        (["--tokenizer-model", "a.model", "--tokenizer-name-or-path", "d"], "give one of --tokenizer-model"),
+        (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler",
+          "--json-keys", "instruction"], "--json-keys applies to GeneralPretrainHandler"),
+    ]
+    for extra, msg in cases:
+        assert main(base + extra) != 0, extra
+        assert msg in capsys.readouterr().err, extra
+    assert not Path(str(tmp_path / "o") + "_text_document.bin").exists()
+    # the default --json-keys (text) still applies when the flag is left out
+    assert main(base + ["--tokenizer-type", "ByteTokenizer"]) == 0
+    assert len(IndexedDataset(str(tmp_path / "o") + "_text_document")) == 1

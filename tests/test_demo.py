@@ -49,3 +49,16 @@ def test_demo_from_hf_checkpoint(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "tokenizer and weights from" in out and "checkpoint reloaded OK" in out
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--hf-model", "m", "--vocab-size", "500"], "--hf-model brings its own tokenizer"),
+    (["--lr", "0"], "--lr must be > 0"),          # `args.lr or default` would have used 3e-3
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--text-file", "a.txt", "--glob", "*.md"], "--glob applies to a folder"),
+])
+def test_demo_refuses_flags_it_would_ignore(tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit):
+        _demo().main(["--out", str(tmp_path / "o"), *extra])
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work

@@ -114,3 +114,39 @@ def test_lora_finetune_merge_and_full_sft(tmp_path):
     fm, fp = pmodel.load_hf(full)
     assert (full / "tokenizer.model").exists()
     assert any(not torch.equal(a, b) for a, b in zip(pmodel.tree.leaves(fp), pmodel.tree.leaves(params)))
+
+
+def test_cli_refuses_more_ignored_flags_and_bad_values(tmp_path):
+    ft = _script()
+    base = ["--load-hf", "x", "--data-path", "d.json", "--save", "o", "--train-iters", "1"]
+    prefix = ["--load-hf", "x", "--data-path", "prefix", "--save", "o", "--train-iters", "1"]
+    for argv in (prefix + ["--tokenizer", "tok.model"],      # raw records only
+                 prefix + ["--data-style", "sharegpt"],      # raw records only
+                 base + ["--map-keys", "{not json"],
+                 base + ["--map-keys", '["a"]'],
+                 base + ["--max-samples", "0"],
+                 base + ["--eval-samples", "-1"],
+                 base + ["--clip-grad", "-1"],
+                 base + ["--lr-decay-style", "constant", "--min-lr", "1e-5"]):
+        with pytest.raises(SystemExit):
+            ft.parse_args(argv)
+    assert ft.parse_args(base + ["--data-style", "sharegpt"]).data_style == "sharegpt"
+
+
+def test_seq_length_bounds_preprocessed_examples(tmp_path):
+    from pmodel.data import PreprocessConfig, preprocess
+    ft = _script()
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps([{"instruction": "q" * n, "output": "a" * n} for n in (3, 40)]), encoding="utf-8")
+    rep = preprocess(PreprocessConfig(inputs=(str(src),), output_prefix=str(tmp_path / "ds"), tokenizer="bytes",
+                                      handler="AlpacaStyleInstructionHandler", progress=False))
+    ds = pmodel.data.InstructionDataset(tmp_path / "ds")
+    longest = max(len(ds[i]["tokens"]) for i in range(len(ds)))
+    assert rep.written == 2 and longest >= 80
+    args = ft.parse_args(["--load-hf", "x", "--data-path", str(tmp_path / "ds"), "--save", "o",
+                          "--train-iters", "1", "--seq-length", str(longest - 1)])
+    with pytest.raises(SystemExit, match=rf"example 1 has {longest} training positions, more than --seq-length"):
+        ft.load_examples(args, None)
+    args.seq_length = longest
+    got, info = ft.load_examples(args, None)
+    assert info == {"source": "preprocessed", "examples": 2} and len(got) == 2

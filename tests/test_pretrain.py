@@ -38,6 +38,14 @@ def _args(*extra):
     (["--split", "90,10,0"], "--split applies to --data-path"),
     (["--model", "debug", "--hf-config", "x"], "give one"),
     (["--lr-warmup-iters", "5", "--lr-decay-style", "cosine"], "must be below the decay length"),
+    (["--eval-iters", "5"], "without --eval-interval nothing is evaluated"),
+    (["--lr-decay-style", "constant", "--lr-decay-iters", "10"], "has no decay length"),
+    (["--lr-decay-style", "inverse-square-root", "--lr-decay-iters", "10"], "has no decay length"),
+    (["--lr-decay-style", "constant", "--min-lr", "1e-5"], "constant never uses it"),
+    (["--tokenizer-type", "ByteTokenizer", "--tokenizer-model", "t.model"], "ByteTokenizer reads no file"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
 ])
 def test_refused_combinations(extra, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -114,3 +122,20 @@ def test_hf_config_and_refused_resume_with_other_config(tmp_path):
     assert PT.main(common) == 0
     with pytest.raises(CheckpointError, match="num_layers: checkpoint=2 current=1"):
         PT.main([*common, "--load", str(tmp_path / "ck"), "--num-layers", "1", "--train-iters", "4"])
+
+
+def test_plot_metrics_names_file_and_line_of_bad_records(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_metrics_script", ROOT / "scripts" / "plot_metrics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n\n{"iter": 2, "loss": 1.5}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"m\.jsonl:3: expected a JSON object with 'step'"):
+        mod.read(f)
+    f.write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"m\.jsonl:2: expected a JSON object"):
+        mod.read(f)
+    with pytest.raises(SystemExit, match=r"missing\.jsonl: cannot read"):
+        mod.read(tmp_path / "missing.jsonl")
+    f.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.0}\n', encoding="utf-8")
+    assert [r["step"] for r in mod.read(f)] == [1, 2]

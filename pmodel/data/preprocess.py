@@ -64,12 +64,13 @@ class PreprocessConfig:
         tokenizer_kind: see :func:`pmodel.data.load_tokenizer`.
         json_keys: keys to tokenise (pretraining).
         handler: one of :data:`HANDLERS`.
-        prompt_type: chat template name (instruction handlers).
-        map_keys: field renames (instruction handlers).
-        append_eod: append EOS to each pretraining document.
+        prompt_type: chat template name (instruction handlers only).
+        map_keys: field renames (instruction handlers only).
+        append_eod: append EOS to each pretraining document (GeneralPretrainHandler only).
         seq_length: instruction samples with more than ``seq_length`` training positions
             (ids - 1) lose their later turns, or are dropped and counted when even the first
-            exchange is too long. Required with ``pack``.
+            exchange is too long. Required with ``pack``; refused for GeneralPretrainHandler
+            (pretraining samples are cut at training time).
         pack: pack instruction samples (greedy knapsack) up to ``seq_length``.
         pack_buffer: samples considered together by one knapsack.
         workers: worker processes (1 = in-process).
@@ -112,6 +113,21 @@ class PreprocessConfig:
             raise PreprocessError("--json-keys is empty")
         if self.handler != "GeneralPretrainHandler":
             get_template(self.prompt_type)  # validate early
+            if self.append_eod:
+                # the chat template already ends every response with its own end token
+                raise PreprocessError(f"--append-eod applies to GeneralPretrainHandler; {self.handler} ends each "
+                                      "response with the --prompt-type template's end token instead")
+        else:
+            # Pretraining documents are concatenated and cut into seq-length samples at training
+            # time (pretrain.py --seq-length, as Megatron's GPTDataset), so a long document is
+            # normal data, not an error; ModelLink's GeneralPretrainHandler ignores the flag too.
+            given = [f for f, v in (("--seq-length", self.seq_length), ("--prompt-type", self.prompt_type),
+                                    ("--map-keys", self.map_keys or None)) if v is not None]
+            if given:
+                raise PreprocessError(
+                    f"{', '.join(given)} apply to the instruction handlers only; GeneralPretrainHandler "
+                    "tokenises whole documents (samples are cut to the sequence length at training time "
+                    "by pretrain.py --seq-length)")
 
     @property
     def instruction(self) -> bool:
