@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ if str(ROOT) not in sys.path:
 import pmodel  # noqa: E402
 from pmodel import data as pdata, optim  # noqa: E402
 from pmodel.checkpoint import state as ckpt  # noqa: E402
+from pmodel.checkpoint.distributed import load_sharded, save_sharded  # noqa: E402
 from pmodel.model import ModelConfig, build  # noqa: E402
 from pmodel.precision import LossScale, Policy, mixed_precision  # noqa: E402
 from pmodel.train import LoopConfig, TrainState, train  # noqa: E402
@@ -493,7 +493,6 @@ def parallel_layout(args, cfg, world: int) -> dict:
             "schedule": schedule, "stages": [list(s) for s in stages]}
 
 
-PARALLEL_FORMAT = "pmodel-parallel-checkpoint"
 BUCKET_NUMEL = 40_000_000  # DataParallel and the distributed optimizer must agree on it
 
 
@@ -502,94 +501,6 @@ def _ckpt_layout(args, lay: dict, world: int) -> dict:
     return {"world_size": world, "tp": lay["tp"], "pp": lay["pp"], "dp": lay["dp"], "stages": lay["stages"],
             "distributed_optimizer": bool(args.use_distributed_optimizer),
             "high_availability": bool(args.enable_high_availability)}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_parallel(root, step: int, consumed: int, params, opt_state, *, rank: int, layout: dict, config: dict,
-                  extra: dict) -> Path:
-    """Save a multi-process checkpoint (collective: every rank calls it).
-
-    Layout: ``root/iter_NNNNNNN/manifest.json`` (format, step, layout, config) and one
-    :func:`pmodel.checkpoint.state.save` root per global rank, ``rank_RRRRR/`` (that rank's
-    params: its TP shards / stage layers by global path; its optimizer state, including its
-    distributed-optimizer shard; its RNG states; the data position). Ranks write into a hidden
-    temp folder; after a barrier rank 0 writes the manifest, renames the folder into place and
-    only then moves ``root/latest``, so a crash mid-save leaves the previous checkpoint loadable.
-    """
-    import torch.distributed as dist
-    root = Path(root)
-    name = f"iter_{int(step):07d}"
-    tmp = root / f".tmp-{name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    ckpt.save(tmp / f"rank_{rank:05d}", step, params=params, opt_state=opt_state, config=config,
-              data={"consumed_samples": int(consumed)}, extra=extra)
-    dist.barrier()
-    final = root / name
-    if rank == 0:
-        man = {"format": PARALLEL_FORMAT, "version": 1, "step": int(step), "consumed_samples": int(consumed),
-               "layout": layout, "config": config}
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True))
-        _fsync(tmp / "manifest.json")
-        _fsync(tmp)
-        old = None
-        if final.exists():  # re-saving a step: move the old one aside, drop it once the new one is in place
-            old = root / f".tmp-old-{name}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(root)
-        lt = root / ".tmp-latest"
-        lt.write_text(name + "\n")
-        _fsync(lt)
-        os.replace(lt, root / ckpt.LATEST)  # the pointer moves last
-        _fsync(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def load_parallel(root, params, opt_state, *, rank: int, layout: dict, config: dict):
-    """Resume from the latest multi-process checkpoint under ``root`` (every rank calls it).
-
-    Returns:
-      ``(params, opt_state, step, consumed_samples, folder)`` or None when ``root`` holds no
-      checkpoint. Raises SystemExit naming the file and the differing fields when the checkpoint
-      was written by a single-process run or under another layout / model config.
-    """
-    d = ckpt.latest(root)
-    if d is None:
-        return None
-    mf = d / "manifest.json"
-    man = json.loads(mf.read_text())
-    if man.get("format") != PARALLEL_FORMAT:
-        raise SystemExit(f"pretrain.py: {mf} is a {man.get('format')!r} checkpoint, not a multi-process one "
-                         f"({PARALLEL_FORMAT!r}); resume it single-process, or start the parallel run from scratch")
-    diff = ckpt.config_diff(man["layout"], layout)
-    if diff:
-        raise SystemExit(f"pretrain.py: {mf} was saved under another parallel layout (resharding is not "
-                         "supported yet); differing: " + "; ".join(diff))
-    diff = ckpt.config_diff(man.get("config"), config)
-    if diff:
-        raise SystemExit(f"pretrain.py: {mf} was saved for another model config; differing fields: " + "; ".join(diff))
-    try:
-        params, opt_state, m = ckpt.load(d / f"rank_{rank:05d}", params=params, opt_state=opt_state, config=config)
-    except (ckpt.CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"pretrain.py: rank {rank}: {e}") from None
-    if m["step"] != man["step"]:
-        raise SystemExit(f"pretrain.py: {d / f'rank_{rank:05d}'} holds step {m['step']}, {mf} says {man['step']}")
-    return params, opt_state, man["step"], int(m["data"]["consumed_samples"]), d
 
 
 def _pp_grad_norm(stage_model, params, mesh, skip_path: str | None) -> torch.Tensor:
@@ -620,7 +531,7 @@ def run_parallel(args) -> int:
     through :func:`pmodel.parallel.parallelize`'s step. Rank 0 logs the global mean loss (the
     pipeline broadcasts it from the last stage, then it is summed over dp), the lr and the
     global gradient norm. ``--save`` / ``--load`` write and resume per-rank shards
-    (:func:`save_parallel`, :func:`load_parallel`).
+    (:func:`pmodel.checkpoint.distributed.save_sharded` / ``load_sharded``).
     """
     import torch.distributed as dist
 
@@ -688,7 +599,10 @@ def run_parallel(args) -> int:
         layout = _ckpt_layout(args, lay, world)
         start, consumed = 0, 0
         if args.load:
-            got = load_parallel(args.load, params, opt_state, rank=rank, layout=layout, config=cfg.to_dict())
+            try:
+                got = load_sharded(args.load, params, opt_state, rank=rank, layout=layout, config=cfg.to_dict())
+            except ckpt.CheckpointError as e:
+                raise SystemExit(f"pretrain.py: {e}") from None
             if got is None:
                 if rank == 0:
                     print(f"no checkpoint under --load {args.load}; starting from scratch")
@@ -746,7 +660,7 @@ def run_parallel(args) -> int:
             else:
                 opt_state, m = pp_step(mine)
             if args.save and args.save_interval and step % args.save_interval == 0:
-                save_parallel(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
+                save_sharded(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
                               config=cfg.to_dict(), extra=save_extra)
                 saved_at = step
             if step % args.log_interval and step != args.train_iters:
@@ -761,7 +675,7 @@ def run_parallel(args) -> int:
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
         if args.save and saved_at != step:  # a final checkpoint, as the single-process loop writes
-            save_parallel(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
+            save_sharded(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
                           config=cfg.to_dict(), extra=save_extra)
         if out is not None:
             out.close()
