@@ -6,7 +6,7 @@ leaves instead. It never touches ``.grad``: gradients are returned as a fresh tr
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

@@ -39,7 +39,6 @@ import re
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import tree
 from .params import P, is_decl, key_for

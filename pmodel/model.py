@@ -14,7 +14,6 @@ to predict at position ``t``; ``-100`` (``ops.IGNORE_INDEX``) or ``loss_mask == 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import torch

@@ -19,7 +19,6 @@ Run with ``make demo`` (creates the venv) or ``python scripts/demo.py``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import sysconfig
 import time

@@ -503,23 +503,6 @@ def _ckpt_layout(args, lay: dict, world: int) -> dict:
             "high_availability": bool(args.enable_high_availability)}
 
 
-def _pp_grad_norm(stage_model, params, mesh, skip_path: str | None) -> torch.Tensor:
-    """Global gradient norm of pipeline-stage params: TP-weighted per leaf, summed over tp and pp.
-
-    ``skip_path`` (the last stage's copy of a tied embedding) is left out so the tied weight counts
-    once, as in the single-process norm.
-    """
-    from pmodel import tree
-    from pmodel.parallel import comm
-    from pmodel.parallel.optimizer import norm_weights
-    sq = torch.zeros((), dtype=torch.float64)
-    for (path, p), w in zip(tree.paths(params), norm_weights(stage_model, params)):
-        if p.grad is not None and path != skip_path:
-            sq = sq + w * p.grad.detach().double().pow(2).sum()
-    sq = comm.all_reduce(comm.all_reduce(sq, mesh.group("tp")), mesh.group("pp"))
-    return sq.sqrt().float()
-
-
 def run_parallel(args) -> int:
     """Tensor / sequence / pipeline / data parallel training (one process per rank).
 
@@ -535,12 +518,11 @@ def run_parallel(args) -> int:
     """
     import torch.distributed as dist
 
-    from pmodel import tree
-    from pmodel.parallel import Mesh, comm, init_distributed, parallelize
+    from pmodel.parallel import Mesh, init_distributed, parallelize, pipeline_train_step
     from pmodel.parallel.data import DataParallel
     from pmodel.parallel.optimizer import distributed_optimizer
     from pmodel.parallel.pipeline import pipeline
-    from pmodel.parallel.tensor import sync_replicated_grads, tensor_parallel
+    from pmodel.parallel.tensor import tensor_parallel
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     torch.manual_seed(args.seed)
@@ -617,29 +599,10 @@ def run_parallel(args) -> int:
                       else "all_reduce")
             buckets = DataParallel(params, mesh, bucket_numel=BUCKET_NUMEL, reduce=reduce)
 
-        def pp_step(micros):
-            # This rank's micro-batches as one batch; the pipeline cuts it back into k of them.
-            local = {key: torch.cat([m[key] for m in micros]) for key in micros[0]}
-            cnt = ((local["labels"] != -100) & (local["loss_mask"] > 0)).sum()
-            total = comm.all_reduce(cnt, mesh.group("dp")).clamp(min=1)  # the global loss denominator
-            loss, _ = pipe.forward_backward(params, local, num_tokens=total)
-            buckets.finish()
-            sync_replicated_grads(stage_model, params)  # SP norms / LoRA factors over TP
-            grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
-            norm = None
-            if not args.use_distributed_optimizer:
-                norm = _pp_grad_norm(stage_model, params, mesh, tied_copy)
-                if clip is not None:
-                    coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
-                    # in fp32: the mixed-precision optimizer then sees the unrounded clipped gradient
-                    grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
-                                     is_leaf=lambda x: x is None)
-            updates, state = tx.update(grads, opt_state, params)
-            optim.apply_updates(params, updates)
-            buckets.zero_grad()
-            if args.use_distributed_optimizer:
-                norm = state.grad_norm
-            return state, {"loss": comm.all_reduce(loss, mesh.group("dp")), "grad_norm": norm}
+        if pp > 1:
+            pp_step = pipeline_train_step(pipe, stage_model, tx, mesh, buckets, max_grad_norm=clip,
+                                          distributed_optimizer=args.use_distributed_optimizer,
+                                          skip_norm_path=tied_copy)
 
         train_data, _ = build_data(args, model)
         lead, r = rank == 0, mesh.rank("dp")
@@ -658,7 +621,7 @@ def run_parallel(args) -> int:
             if pp == 1:
                 opt_state, m = plan.step(params, opt_state, buckets, mine)
             else:
-                opt_state, m = pp_step(mine)
+                opt_state, m = pp_step(params, opt_state, mine)
             if args.save and args.save_interval and step % args.save_interval == 0:
                 save_sharded(args.save, step, step * gbs, params, opt_state, rank=rank, layout=layout,
                               config=cfg.to_dict(), extra=save_extra)

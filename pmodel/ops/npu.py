@@ -61,7 +61,6 @@ def attention(q, k, v, *, mask=None, causal=False, bias=None, scale=None, cu_seq
     decoding) is passed densely with ``sparse_mode=0``. ALiBi goes through ``pse``.
     """
     B, T, Hq, D = q.shape
-    S = k.shape[1]
     sc = scale if scale is not None else 1.0 / math.sqrt(D)
     pse = bias.to(q.dtype) if bias is not None else None
     if mask is None and causal:

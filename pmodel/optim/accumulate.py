@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import tree
 from .base import GradientTransformation, tree_map
 
 __all__ = ["AccumulateState", "accumulate"]

@@ -12,7 +12,7 @@ in place it costs one (Adam's denominator). Pass a copy if you need the gradient
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 

@@ -22,7 +22,6 @@ import itertools
 import math
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 __all__ = ["DIMS", "Mesh", "default_backend", "init_distributed"]

@@ -26,7 +26,6 @@ instead, which uses the true global norm (over dp shards, TP shards and replicas
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -37,7 +36,7 @@ from ..params import is_decl
 from . import comm
 from .data import bucket_layout
 from .mesh import Mesh
-from .tensor import ColumnParallel, tp_layout
+from .tensor import tp_layout
 
 __all__ = ["DistributedState", "distributed_optimizer", "norm_weights", "grad_norm"]
 

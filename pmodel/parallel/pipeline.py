@@ -35,7 +35,6 @@ import torch.distributed as dist
 from .. import ops, tree
 from ..model import Model, make_context
 from ..params import init as _init_params
-from ..params import is_decl
 from .mesh import Mesh
 
 __all__ = ["pipeline", "Pipeline", "Op", "split_layers", "schedule_ops", "SCHEDULES"]
@@ -424,7 +423,6 @@ class Pipeline:
         deferred: dict = {}
         loss_sum = torch.zeros((), dtype=torch.float32)
         per_tok_sum = torch.zeros((), dtype=torch.float32)
-        last_chunk = self.virtual_stages - 1
         weights = [x for x in tree.leaves(params) if isinstance(x, torch.Tensor) and x.requires_grad]
         zb = self.schedule == "zero-bubble"
         for op in schedule_ops(self.schedule, self.pp, self.rank, self.microbatches, self.virtual_stages):

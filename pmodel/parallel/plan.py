@@ -29,7 +29,7 @@ from .optimizer import distributed_optimizer as _dist_opt
 from .optimizer import grad_norm
 from .tensor import sync_replicated_grads, tensor_parallel
 
-__all__ = ["ParallelPlan", "parallelize"]
+__all__ = ["ParallelPlan", "parallelize", "pipeline_train_step", "pipeline_grad_norm"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -144,3 +144,73 @@ def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, sequence_paral
     return ParallelPlan(model=tp_model, tx=tx, mesh=mesh, overlap_grad_reduce=overlap_grad_reduce,
                         bucket_numel=bucket_numel, reduce=reduce, max_grad_norm=max_grad_norm,
                         distributed=distributed_optimizer)
+
+
+def pipeline_grad_norm(stage_model, params, mesh: Mesh, *, skip_path: str | None = None) -> torch.Tensor:
+    """Global gradient norm of a pipeline stage's params: TP-weighted per leaf, summed over tp and pp.
+
+    Args:
+      stage_model: the stage's view of the (tensor-parallel) model: its declarations are exactly
+        the stage params' leaves (``tp_model.replace(defs=pipe.stage_defs())``).
+      params: the stage's params, gradients in ``.grad``.
+      mesh: the mesh (groups ``tp`` and ``pp``).
+      skip_path: a leaf left out, e.g. the last stage's copy of a tied embedding, so the tied
+        weight counts once as in the single-process norm.
+    """
+    from .optimizer import norm_weights
+    sq = torch.zeros((), dtype=torch.float64)
+    for (path, p), w in zip(tree.paths(params), norm_weights(stage_model, params)):
+        if p.grad is not None and path != skip_path:
+            sq = sq + w * p.grad.detach().double().pow(2).sum()
+    sq = comm.all_reduce(comm.all_reduce(sq, mesh.group("tp")), mesh.group("pp"))
+    return sq.sqrt().float()
+
+
+def pipeline_train_step(pipe, stage_model, tx: GradientTransformation, mesh: Mesh, dp: DataParallel, *,
+                        max_grad_norm: float | None = None, distributed_optimizer: bool = False,
+                        skip_norm_path: str | None = None):
+    """The train step of a pipeline-parallel run (composed with TP / SP and DP).
+
+    Args:
+      pipe: a :class:`~pmodel.parallel.pipeline.Pipeline`.
+      stage_model: the stage's view of the model (see :func:`pipeline_grad_norm`).
+      tx: the optimizer: plain (possibly mixed precision) or a distributed optimizer, which
+        clips with its own ``max_grad_norm`` and reports ``state.grad_norm``.
+      mesh: the mesh.
+      dp: the stage's data-parallel gradient buckets.
+      max_grad_norm: clip for a plain optimizer (done here, on the global TP/PP norm).
+      distributed_optimizer: whether ``tx`` is a distributed optimizer.
+      skip_norm_path: see :func:`pipeline_grad_norm`.
+
+    Returns:
+      ``step(params, opt_state, micro_batches) -> (opt_state, metrics)`` where
+      ``micro_batches`` are this dp rank's micro-batches of one global batch and ``metrics`` has
+      the global mean ``loss`` (summed over dp) and ``grad_norm``. Params change in place.
+    """
+    def step(params, opt_state, micro_batches: list[dict]):
+        # This rank's micro-batches as one batch; the pipeline cuts it back into its micro-batches.
+        local = {key: torch.cat([m[key] for m in micro_batches]) for key in micro_batches[0]}
+        cnt = (local["labels"] != -100)
+        if local.get("loss_mask") is not None:
+            cnt = cnt & (local["loss_mask"] > 0)
+        total = comm.all_reduce(cnt.sum(), mesh.group("dp")).clamp(min=1)  # the global loss denominator
+        loss, _ = pipe.forward_backward(params, local, num_tokens=total)
+        dp.finish()
+        sync_replicated_grads(stage_model, params)  # SP norms / LoRA factors over TP
+        grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
+        norm = None
+        if not distributed_optimizer:
+            norm = pipeline_grad_norm(stage_model, params, mesh, skip_path=skip_norm_path)
+            if max_grad_norm is not None:
+                coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+                # in fp32: a mixed-precision optimizer then sees the unrounded clipped gradient
+                grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
+                                 is_leaf=lambda x: x is None)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        apply_updates(params, updates)
+        dp.zero_grad()
+        if distributed_optimizer:
+            norm = opt_state.grad_norm
+        return opt_state, {"loss": comm.all_reduce(loss, mesh.group("dp")), "grad_norm": norm}
+
+    return step

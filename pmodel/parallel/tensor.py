@@ -52,7 +52,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops, tree
 from ..lora import LoRA, dropout_mask, is_lora
