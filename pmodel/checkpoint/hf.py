@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .. import families, tree
 from ..model import Model, build
@@ -62,7 +63,7 @@ def _check_tokenizer(d: Path, vocab_size: int) -> None:
 
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
             kernels: Kernels | None = None, strict: bool = True,
-            check_tokenizer: bool = True) -> tuple[Model, dict]:
+            check_tokenizer: bool = True, progress: bool | None = None) -> tuple[Model, dict]:
     """Load an HF checkpoint folder.
 
     Args:
@@ -73,6 +74,7 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
       strict: raise on checkpoint tensors that no parameter uses.
       check_tokenizer: when the folder holds a tokenizer, check that the model's vocabulary
         covers it (a clear error instead of out-of-range ids later).
+      progress: show a progress bar over the tensors; None = only for checkpoints above 1 GiB.
 
     Returns:
       ``(model, params)``.
@@ -99,8 +101,13 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
                        "(pass strict=False to ignore them)")
 
     handles: dict[Path, object] = {}
+    n_leaves = len(wanted)
+    if progress is None:
+        progress = sum(d.numel for d in tree.leaves(model.defs, is_leaf=is_decl)) * 2 > 2**30
+    bar = tqdm(total=n_leaves, desc=f"load {d.name}", unit="tensor", disable=not progress)
     try:
         def read(path_: str, decl):
+            bar.update(1)
             key = wanted[path_]
             f = files[key]
             if f not in handles:
@@ -115,6 +122,7 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
         params = tree.map_with_path(read, model.defs, is_leaf=is_decl)
     finally:
         handles.clear()
+        bar.close()
     return model, params
 
 
