@@ -68,7 +68,11 @@ def generate(model: Model, params, prompt_ids, *, max_new_tokens: int = 64, temp
     ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
-    dev = params["embed"]["weight"].device if isinstance(params["embed"]["weight"], torch.Tensor) else None
+    emb = params["embed"]["weight"]
+    if not isinstance(emb, torch.Tensor):
+        raise TypeError(f"generate: the embedding is a {type(emb).__name__} wrapper; generation runs on "
+                        "plain (unsharded) params (KV-cache decoding under tensor parallel is not supported yet)")
+    dev = emb.device
     ids = ids.to(dev)
     B, T = ids.shape
     if T == 0:
@@ -78,9 +82,11 @@ def generate(model: Model, params, prompt_ids, *, max_new_tokens: int = 64, temp
     if seed is not None:
         gen = torch.Generator(device=ids.device).manual_seed(seed)
     cfg = model.config
-    dt = next(t for t in (params["embed"]["weight"],) if isinstance(t, torch.Tensor)).dtype
-    kv_heads = params["layers"][0]["attn"]["k_proj"]["weight"]
-    kv_heads = getattr(kv_heads, "shape", (cfg.num_kv_heads * cfg.head_dim,))[0] // cfg.head_dim
+    dt = emb.dtype
+    # KV heads from the weights (a LoRA leaf exposes its base weight's shape), so a model whose
+    # weights differ from its config still gets a cache of the right width.
+    k_w = params["layers"][0]["attn"]["k_proj"]["weight"]
+    kv_heads = getattr(k_w, "shape", (cfg.num_kv_heads * cfg.head_dim,))[0] // cfg.head_dim
     cache = KVCache.allocate(cfg, B, T + max_new_tokens, num_layers=len(params["layers"]),
                              kv_heads=kv_heads, dtype=dt, device=ids.device)
     am = attention_mask.to(ids.device) if attention_mask is not None else None
