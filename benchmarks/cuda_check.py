@@ -133,8 +133,8 @@ def part_b(device: torch.device, size: str, steps: int, peak_tflops: float | Non
     ntok = tokens.numel()
 
     tx = optim.adamw(1e-4, 0.9, 0.95, 1e-8, weight_decay=0.1)
-    state = [tx.init(params)]
     pstep = train_step(model, tx, policy=pmodel.precision.Policy(param_dtype=dtype))
+    state = [pstep.init(params)]
 
     def p_step():
         _, state[0], m = pstep(params, state[0], {"tokens": tokens, "labels": labels})
@@ -154,9 +154,7 @@ def part_b(device: torch.device, size: str, steps: int, peak_tflops: float | Non
         return float(out.loss.detach())
 
     def sync():
-        if device.type == "cuda":
-            from pmodel.ops import cuda
-            cuda.synchronize(device)
+        pmodel.device.synchronize(device)
 
     def timed(f):
         sync()
@@ -182,11 +180,10 @@ def part_b(device: torch.device, size: str, steps: int, peak_tflops: float | Non
         res["hf_mfu"] = fpt * res["hf_tokens_per_s"] / (peak_tflops * 1e12)
     if device.type == "cuda":
         # peak memory of each side alone: reset the allocator peak, run two steps
-        from pmodel.ops import cuda
         for name, f in (("pmodel", p_step), ("hf", h_step)):
-            torch.cuda.reset_peak_memory_stats(device)
+            pmodel.device.reset_peak_memory(device)
             f(), f()
-            res[f"{name}_peak_gib"] = cuda.peak_memory_bytes(device) / 2**30
+            res[f"{name}_peak_gib"] = pmodel.device.peak_memory_bytes(device) / 2**30
         res["memory_ratio_note"] = "both models stay resident; the peaks include the other side's weights"
     return res
 

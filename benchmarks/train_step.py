@@ -77,8 +77,8 @@ def build(name: str, seed: int = 0):
 def make_pmodel(name: str):
     torch, pmodel, optim, tree, model, params, x = build(name)
     tx = optim.adamw(1e-4, 0.9, 0.95, 1e-8, weight_decay=0.1)
-    state = [tx.init(params)]
     step_fn = pmodel.train.train_step(model, tx)
+    state = [step_fn.init(params)]
     batch = {"tokens": x[:, :-1], "labels": x[:, 1:]}
 
     def step():

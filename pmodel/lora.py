@@ -21,7 +21,10 @@ Composition:
     partial low-rank products join the row-parallel reduction (the sum is linear). The factor
     that stays replicated (``a`` under column, ``b`` under row parallel) gets a partial
     gradient on each rank that has to be summed over the tensor-parallel group, like any
-    replicated weight whose consumer is sharded.
+    replicated weight whose consumer is sharded. LoRA only speaks the weight protocol
+    (:mod:`pmodel.ops.weights`): a row-parallel wrapper passes ``in_shard`` so the dropout mask
+    is drawn for the full input, and ``map_rows`` exposes ``base`` and ``b`` to per-row work
+    (the replicated-K/V gradient sum); :mod:`pmodel.parallel` never imports this module.
   * recompute / pipeline: LoRA is data inside the params; the model functions stay pure. Dropout
     masks come from a key bound into the params (:func:`bind_dropout`), never from the global
     RNG, so a recomputed forward draws the same mask.
@@ -41,6 +44,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import tree
+from .ops.weights import WeightWrapper, map_rows
 from .params import P, is_decl, key_for
 
 __all__ = [
@@ -65,9 +69,10 @@ MODELLINK_NAMES = {
 _EVAL = "eval"  # dropout key meaning "inference: no dropout"
 
 
-class LoRA:
+class LoRA(WeightWrapper):
     """A linear weight with a low-rank adapter: ``W + scale · B A`` applied without forming it.
 
+    Implements the weight protocol (:mod:`pmodel.ops.weights`).
     A registered pytree node: its children are ``base`` (``[out, in]``, frozen), ``a``
     (``[r, in]``) and ``b`` (``[out, r]``); ``scale`` and ``dropout`` are static structure;
     ``key`` rides along outside the structure (a ``tree.map`` drops it).
@@ -115,7 +120,15 @@ class LoRA:
         """The shape of the adapted weight (``[out, in]`` of ``base``)."""
         return tuple(self.base.shape)
 
-    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+    def main_tensor(self):
+        """The base weight: the LoRA reports its dtype and device (the factors may be wider)."""
+        return self.base
+
+    def map_rows(self, f) -> "LoRA":
+        """``f`` applied to the tensors indexed by the output rows: ``base`` and ``b`` (not ``a``)."""
+        return self.replace(base=map_rows(self.base, f), b=f(self.b))
+
+    def _adapter_input(self, x: torch.Tensor, in_shard: tuple[int, int] | None = None) -> torch.Tensor:
         if self.dropout == 0.0 or self.key == _EVAL:
             return x
         if self.key is None:
@@ -127,24 +140,39 @@ class LoRA:
                     "lora.bind_dropout(params, seed=..., step=...) for training, or "
                     "lora.bind_dropout(params, train=False) to evaluate without dropout")
             return x  # no gradient is taken: inference, where dropout is the identity
-        keep = dropout_mask(int(self.key), x.shape, self.dropout, x.device)  # (..., in) bool
+        if in_shard is None:
+            keep = dropout_mask(int(self.key), x.shape, self.dropout, x.device)  # (..., in) bool
+        else:
+            # x holds input columns [start, start + n) of a full input of width `full` (row
+            # parallel): draw the full mask and keep these columns, so it equals the
+            # single-process mask (a local-shape draw would be an unrelated mask).
+            start, full = in_shard
+            n = x.shape[-1]
+            keep = dropout_mask(int(self.key), tuple(x.shape[:-1]) + (int(full),), self.dropout, x.device)
+            keep = keep[..., start:start + n]  # (..., n)
         return x * keep.to(x.dtype) / (1.0 - self.dropout)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, kernels=None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, kernels=None,
+               in_shard: tuple[int, int] | None = None) -> torch.Tensor:
         """``x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ`` for ``x`` ``(..., in)`` -> ``(..., out)``.
 
         The base weight is frozen, so autograd computes only the input gradient through it
         (no ``[out, in]`` weight gradient). The scale multiplies the rank-r intermediate, the
         smallest tensor on the path.
+
+        Args:
+          in_shard: ``(start, full_width)`` when ``x`` and the weight hold only input columns
+            ``[start, start + in)`` (row parallel): the dropout mask is then drawn for the full
+            input and sliced, and the result is this shard's partial sum.
         """
         from . import ops  # late: ops dispatches back here for non-tensor weights
 
-        y = ops.linear(x, self.base, bias, kernels=kernels)                   # (..., out)
-        xa = self._adapter_input(x)
+        y = ops.linear(x, self.base, bias, kernels=kernels, in_shard=in_shard)  # (..., out)
+        xa = self._adapter_input(x, in_shard)
         dt = getattr(self.a, "dtype", xa.dtype)
         # Adapters may be kept in a wider dtype than the base (lora(..., dtype=)): compute the
         # low-rank path in the adapters' dtype and add it back in the activations' (as PEFT).
-        u = ops.linear(xa.to(dt), self.a, kernels=kernels)                    # (..., r)
+        u = ops.linear(xa.to(dt), self.a, kernels=kernels, in_shard=in_shard)  # (..., r)
         return y + ops.linear(u * self.scale, self.b, kernels=kernels).to(y.dtype)  # (..., out)
 
     def merged(self) -> torch.Tensor:
@@ -301,9 +329,9 @@ def lora(model, rank: int, alpha: float, dropout: float = 0.0,
         raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
     if float(alpha) <= 0:
         raise ValueError(f"lora: alpha must be positive, got {alpha}")
-    if model.shard is not None:
-        raise ValueError("lora: apply lora() before tensor/pipeline parallel transforms (the parallel "
-                         "wrappers must stay outermost around the LoRA leaf)")
+    if model.layout is not None:
+        raise ValueError("lora: apply lora() before sharding transforms such as tensor_parallel (the "
+                         "parallel wrappers must stay outermost around the LoRA leaf)")
     mods = set(resolve_targets(model.defs, targets))
     scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
 

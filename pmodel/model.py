@@ -22,7 +22,7 @@ from . import ops
 from .ops import Kernels
 from .params import P
 
-__all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs"]
+__all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs", "counted_mask", "count_tokens"]
 
 _NORMS = ("rms", "layer")
 _POSITIONS = ("rope", "alibi", "learned", "none")
@@ -416,6 +416,22 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
                  head_loss=head_loss, kernels=kernels, family=family)
 
 
+def counted_mask(batch: dict) -> torch.Tensor:
+    """Which positions count towards the loss: ``labels != IGNORE_INDEX`` and ``loss_mask > 0``.
+
+    The one definition of a counted token (the loss, its denominator, metrics and every train
+    step use it)."""
+    mask = batch["labels"] != ops.IGNORE_INDEX
+    if batch.get("loss_mask") is not None:
+        mask = mask & (batch["loss_mask"] > 0)
+    return mask
+
+
+def count_tokens(batch: dict) -> int:
+    """The number of counted tokens of a micro-batch (see :func:`counted_mask`)."""
+    return int(counted_mask(batch).sum())
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Model:
     """A model: its config, parameter declarations and pure functions over params.
@@ -430,7 +446,10 @@ class Model:
         never materialises full logits when the kernels policy fuses cross-entropy.
       kernels: the :class:`~pmodel.ops.Kernels` policy.
       family: the family name (for HF export / chat template), if known.
-      shard: optional init hook ``(path, decl, full_tensor) -> leaf`` set by parallel transforms.
+      layout: where the parameters live on the mesh (a :class:`~pmodel.parallel.layout.Layout`,
+        set by sharding transforms; None = every leaf whole on every rank). :func:`pmodel.init`
+        materialises local shards through it and a train step runs its after-backward gradient
+        work (``layout.sync_grads``).
       transforms: names of transforms applied, outermost last (informational).
       layer_runner: optional ``(block, layer_params_list, h, ctx, first_index) -> h`` that runs
         consecutive blocks (recompute groups them); None = call ``block`` once per layer.
@@ -444,7 +463,7 @@ class Model:
     head_loss: Callable
     kernels: Kernels = dataclasses.field(default_factory=Kernels)
     family: str | None = None
-    shard: Callable | None = None
+    layout: Any = None
     transforms: tuple[str, ...] = ()
     layer_runner: Callable | None = None
 
@@ -500,11 +519,9 @@ class Model:
         Returns:
           ``(loss, aux)`` with ``aux = {"num_tokens", "loss_sum", "per_token"}`` (detached).
         """
-        tokens, labels = batch["tokens"], batch["labels"]
-        mask = (labels != ops.IGNORE_INDEX)
-        if batch.get("loss_mask") is not None:
-            mask = mask & (batch["loss_mask"] > 0)
-        labels = labels.masked_fill(~mask, ops.IGNORE_INDEX)
+        tokens = batch["tokens"]
+        mask = counted_mask(batch)
+        labels = batch["labels"].masked_fill(~mask, ops.IGNORE_INDEX)
         n = mask.sum()
         denom = num_tokens if num_tokens is not None else n.clamp(min=1)
         weights = mask.float() / denom

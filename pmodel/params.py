@@ -109,15 +109,17 @@ def init(model, seed: int = 0, *, dtype: torch.dtype | None = None, device: Any 
       seed: the run seed; each leaf uses ``key_for(seed, path)``.
       dtype: parameter dtype (default: the model config's dtype, else float32).
       device: target device.
-      shard: optional ``(path, decl, full_tensor) -> leaf`` hook used by parallel transforms to
-        keep only the local shard (or wrap it); the full draw keeps values sharding-independent.
+      shard: optional ``(path, decl, full_tensor) -> leaf`` hook that keeps only the local shard
+        (or wraps it); default the model's ``layout`` (a
+        :class:`~pmodel.parallel.layout.Layout` is such a hook). The full draw keeps values
+        sharding-independent. Pass it when ``model`` is a defs tree (a pipeline stage's).
 
     Returns:
       the params pytree, leaves ``requires_grad`` per ``trainable``.
     """
     defs = getattr(model, "defs", model)
     default = dtype or getattr(getattr(model, "config", None), "dtype", None) or torch.float32
-    hook = shard or getattr(model, "shard", None)
+    hook = shard if shard is not None else getattr(model, "layout", None)
 
     def make(path: str, decl: P):
         t = draw(decl, path, seed, decl.dtype or default)

@@ -28,7 +28,8 @@ import torch
 from . import tree
 from .optim.base import Assign, EmptyState, GradientTransformation, apply_updates, find_states, tree_map
 
-__all__ = ["LossScale", "Policy", "LossScaleState", "MixedPrecisionState", "mixed_precision",
+__all__ = ["LossScale", "Policy", "LossScaleState", "MixedPrecisionState", "mixed_precision", "init_loss_scale",
+           "next_loss_scale",
            "cast_params", "loss_scale", "last_step_skipped", "bytes_per_param"]
 
 _DTYPES = types.MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
@@ -121,6 +122,42 @@ def _finite(leaves: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
 
 
+def init_loss_scale(ls: LossScale | None):
+    """The initial loss-scale state for ``ls`` (``EmptyState()`` when None: no scaling)."""
+    if ls is None:
+        return EmptyState()
+    return LossScaleState(scale=torch.tensor(ls.initial, dtype=torch.float32),
+                          good_steps=torch.zeros((), dtype=torch.int64),
+                          hysteresis=torch.tensor(ls.hysteresis, dtype=torch.int64),
+                          skipped=torch.zeros((), dtype=torch.int64), total_skipped=torch.zeros((), dtype=torch.int64))
+
+
+def next_loss_scale(ls: LossScale, s: "LossScaleState", finite: bool) -> "LossScaleState":
+    """The loss-scale state after a step whose (unscaled) gradients were ``finite`` or not.
+
+    An overflow skips the step and, once ``hysteresis`` overflows have been seen, multiplies the
+    scale by ``backoff`` (not below ``min_scale``); ``growth_interval`` clean steps in a row
+    multiply it by ``growth``. The one rule for every layout: single process and parallel plans
+    decide ``finite`` from their global gradient norm, so every rank takes the same branch.
+    """
+    if not finite:
+        hyst = int(s.hysteresis) - 1
+        scale = float(s.scale)
+        if hyst <= 0:
+            scale, hyst = max(scale * ls.backoff, ls.min_scale), ls.hysteresis
+        return LossScaleState(scale=torch.tensor(scale, dtype=torch.float32),
+                              good_steps=torch.zeros((), dtype=torch.int64),
+                              hysteresis=torch.tensor(hyst, dtype=torch.int64),
+                              skipped=torch.ones((), dtype=torch.int64), total_skipped=s.total_skipped + 1)
+    good = int(s.good_steps) + 1
+    scale = float(s.scale)
+    if good >= ls.growth_interval:
+        scale, good = scale * ls.growth, 0
+    return LossScaleState(scale=torch.tensor(scale, dtype=torch.float32), good_steps=torch.tensor(good, dtype=torch.int64),
+                          hysteresis=s.hysteresis, skipped=torch.zeros((), dtype=torch.int64),
+                          total_skipped=s.total_skipped)
+
+
 def mixed_precision(tx: GradientTransformation, policy: Policy) -> GradientTransformation:
     """Wrap ``tx`` with fp32 main weights and (optional) dynamic loss scaling.
 
@@ -144,11 +181,7 @@ def mixed_precision(tx: GradientTransformation, policy: Policy) -> GradientTrans
             inner = tx.init(main)
         else:
             main, inner = None, tx.init(tree.map(lambda p: p if trainable(p) else None, params))
-        scale = EmptyState() if ls is None else LossScaleState(
-            scale=torch.tensor(ls.initial, dtype=torch.float32), good_steps=torch.zeros((), dtype=torch.int64),
-            hysteresis=torch.tensor(ls.hysteresis, dtype=torch.int64), skipped=torch.zeros((), dtype=torch.int64),
-            total_skipped=torch.zeros((), dtype=torch.int64))
-        return MixedPrecisionState(main=main, inner=inner, loss_scale=scale)
+        return MixedPrecisionState(main=main, inner=inner, loss_scale=init_loss_scale(ls))
 
     @torch.no_grad()
     def update(grads, state, params=None):
@@ -159,25 +192,10 @@ def mixed_precision(tx: GradientTransformation, policy: Policy) -> GradientTrans
             # Unscale in place (the gradients are donated, see pmodel.optim.transforms).
             live = [g for g in tree.leaves(g32) if g is not None]
             torch._foreach_mul_(live, 1.0 / float(s.scale))
-            if not _finite(live):
-                hyst = int(s.hysteresis) - 1
-                scale = float(s.scale)
-                if hyst <= 0:
-                    scale, hyst = max(scale * ls.backoff, ls.min_scale), ls.hysteresis
-                new_s = LossScaleState(scale=torch.tensor(scale, dtype=torch.float32),
-                                       good_steps=torch.zeros((), dtype=torch.int64),
-                                       hysteresis=torch.tensor(hyst, dtype=torch.int64),
-                                       skipped=torch.ones((), dtype=torch.int64),
-                                       total_skipped=s.total_skipped + 1)
-                return tree.map(lambda g: None, grads, is_leaf=lambda x: x is None), state._replace(loss_scale=new_s)
-            good = int(s.good_steps) + 1
-            scale = float(s.scale)
-            if good >= ls.growth_interval:
-                scale, good = scale * ls.growth, 0
-            s = LossScaleState(scale=torch.tensor(scale, dtype=torch.float32),
-                               good_steps=torch.tensor(good, dtype=torch.int64),
-                               hysteresis=s.hysteresis, skipped=torch.zeros((), dtype=torch.int64),
-                               total_skipped=s.total_skipped)
+            finite = _finite(live)
+            s = next_loss_scale(ls, s, finite)
+            if not finite:
+                return tree.map(lambda g: None, grads, is_leaf=lambda x: x is None), state._replace(loss_scale=s)
         if state.main is None:
             updates, inner = tx.update(g32, state.inner, params)
             return updates, MixedPrecisionState(main=None, inner=inner, loss_scale=s)

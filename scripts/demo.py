@@ -33,9 +33,9 @@ if str(ROOT) not in sys.path:
 
 import pmodel  # noqa: E402
 from pmodel import data as pdata, optim  # noqa: E402
-from pmodel.checkpoint import state as ckpt  # noqa: E402
+from pmodel.checkpoint import sharded as ckpt  # noqa: E402
 from pmodel.model import ModelConfig, build  # noqa: E402
-from pmodel.train import LoopConfig, evaluate, train  # noqa: E402
+from pmodel.train import LoopConfig, evaluate, train, train_step  # noqa: E402
 
 NL = "\u21b5"  # "↵": stands for a newline inside SentencePiece sentences (which are lines)
 
@@ -232,20 +232,24 @@ def main(argv=None) -> int:
 
     lr = args.lr or (3e-4 if args.hf_model else 3e-3)
     warm = max(1, args.iters // 10)
-    tx = optim.chain(optim.clip_by_global_norm(1.0),
-                     optim.adamw(optim.megatron(lr=lr, min_lr=lr / 10, warmup_steps=warm, decay_steps=max(args.iters, warm + 1),
-                                                style="cosine"), b2=0.95, weight_decay=0.1))
-    opt_state = tx.init(params)
+    tx = optim.adamw(optim.megatron(lr=lr, min_lr=lr / 10, warmup_steps=warm, decay_steps=max(args.iters, warm + 1),
+                                    style="cosine"), b2=0.95, weight_decay=0.1)
+    step = train_step(model, tx, max_grad_norm=1.0)
+    opt_state = step.init(params)
     before = evaluate(model, params, eval_batches)
     print(f"[3/5] training {cfg.num_params() / 1e6:.2f}M-param Llama ({cfg.num_layers} layers, hidden {cfg.hidden_size}) "
           f"for {args.iters} iterations of {args.batch_size}x{args.seq_length} tokens; held-out loss before "
           f"{before['loss']:.3f}")
     ck_dir = out / "checkpoint"
-    loop = LoopConfig(train_iters=args.iters, log_interval=max(1, args.iters // 5), save_dir=str(ck_dir), keep_last=1,
+    loop = LoopConfig(train_iters=args.iters, log_interval=max(1, args.iters // 5),
                       metrics_path=str(out / "metrics.jsonl"), progress=not args.no_progress)
+
+    def save(st, p, o):
+        return step.plan.save_checkpoint(ck_dir, st.step, p, o, config=cfg.to_dict(), keep_last=1,
+                                         data={"consumed_samples": st.consumed_samples})
     t0 = time.perf_counter()
     data = lambda start: batches(train_ids, batch=args.batch_size, seq=args.seq_length, seed=args.seed, start_sample=start)
-    params, opt_state, pos, hist = train(model, params, tx, opt_state, data, loop=loop)
+    params, opt_state, pos, hist = train(step, params, opt_state, data, loop=loop, save=save)
     train_s = time.perf_counter() - t0
     logs = [h for h in hist if "loss" in h]
 

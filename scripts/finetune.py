@@ -8,20 +8,25 @@ Train (loss on response tokens only: the chat template masks prompts with -100):
         --lr 1e-4 --lora-r 8 --lora-alpha 16 --lora-target-modules q_proj v_proj \\
         --save out/adapter
 
+    # the same under TP2 (LoRA factors sharded with their base weights)
+    python -m torch.distributed.run --nproc-per-node 2 scripts/finetune.py ... --tensor-model-parallel-size 2
+
 ``--data-path`` is a raw ``.json`` / ``.jsonl`` file of alpaca or sharegpt records
 (``--data-style``), tokenised here, or the ``--output-prefix`` of ``preprocess_data.py``
-instruction output. Without ``--lora-r`` every parameter is trained and ``--save`` gets a full
-HF checkpoint; with it only the adapters are trained and ``--save`` gets a PEFT adapter
-(``adapter_config.json`` + ``adapter_model.safetensors``). ``--lora-load`` starts from an
-existing adapter (its rank / alpha / targets win over the flags, which must then be omitted).
+instruction output. Without ``--lora-r`` every parameter is trained (bf16 / fp16 checkpoints keep
+fp32 main weights in the optimizer) and ``--save`` gets a full HF checkpoint; with it only the
+adapters are trained and ``--save`` gets a PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``). ``--lora-load`` starts from an existing adapter (its rank / alpha
+/ targets win over the flags, which must then be omitted).
+
+Training runs through the same step and loop as pretrain.py (:func:`pmodel.parallel.parallelize`,
+:func:`pmodel.train.train`), so the parallel, precision and kernel flags mean the same; the
+loop prints its ``iter ...`` lines and ``--eval-samples N`` adds JSON ``eval`` lines with the
+response-token loss on the first N examples before and after training.
 
 Merge an adapter into its base, producing a plain HF checkpoint::
 
     python scripts/finetune.py merge --load-hf models/base --lora-load out/adapter --save out/merged
-
-Each training iteration prints one JSON line (``iter``, ``loss``, ``lr``, ``grad_norm``,
-``tokens``); ``--eval-samples N`` prints ``eval`` lines with the response-token loss on the
-first N examples before and after training.
 """
 from __future__ import annotations
 
@@ -29,21 +34,21 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli_common as cli  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pmodel  # noqa: E402
 from pmodel import lora as L  # noqa: E402
-from pmodel import optim, tree  # noqa: E402
-from pmodel.autodiff import value_and_grad  # noqa: E402
+from pmodel import tree  # noqa: E402
 from pmodel.checkpoint import peft as peft_io  # noqa: E402
-from pmodel.data import (CollatorConfig, InstructionDataset, MicroBatchLoader, RecordError, collate,  # noqa: E402
-                         encode_record, load_tokenizer, shift_example)
+from pmodel.data import CollatorConfig, InstructionDataset, RecordError, collate, encode_record, shift_example  # noqa: E402
+
+PROG = "finetune.py"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Plain-text files a merged / fully fine-tuned checkpoint carries over from its base.
@@ -54,8 +59,6 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-hf", required=True, help="base model: an HF checkpoint folder (safetensors)")
     p.add_argument("--save", required=True, help="output folder")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
-                   help="parameter dtype (default: the checkpoint's)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,30 +77,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--map-keys", default=None, help="JSON object of field renames for raw records")
     g.add_argument("--prompt-type", default=None,
                    help="chat template for raw records (default: the model family's)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer file/folder (default: --load-hf)")
     g.add_argument("--seq-length", type=int, default=512,
                    help="training positions per row at most: longer raw records lose later turns or are "
                         "skipped; a longer preprocessed example is refused")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N records")
-    g = t.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=4)
-    g.add_argument("--num-micro-batches", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", default="cosine", choices=optim.STYLES)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="global-norm clip (0 = off)")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--recompute", action="store_true", help="full activation recompute, one block per region")
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--save-interval", type=int, default=0, help="also save every N iterations (0 = end only)")
     g.add_argument("--eval-samples", type=int, default=0,
                    help="report the response-token loss on the first N examples before and after")
+    g.add_argument("--recompute", action="store_true", help="full activation recompute, one block per region")
+    cli.add_tokenizer_flags(t)
+    cli.add_batch_flags(t, micro_default=4)
+    cli.add_optimizer_flags(t, lr_default=1e-4, decay_style="cosine", weight_decay=0.0)
+    cli.add_precision_flags(t)
+    cli.add_parallel_flags(t)
+    cli.add_kernel_flags(t)
+    cli.add_loop_flags(t, log_interval=1, checkpoints=False)
+    g = t.add_argument_group("output")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="also write the adapter / HF checkpoint to <save>/iter_N every N iterations")
     g = t.add_argument_group("LoRA (ModelLink flag names)")
     g.add_argument("--lora-r", type=int, default=None, help="enable LoRA with this rank")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
@@ -109,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain HF checkpoint")
     _add_common(m)
+    m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="dtype (default: the checkpoint's)")
     m.add_argument("--lora-load", required=True, help="PEFT adapter folder")
     args = p.parse_args(argv)
     _check(p, args)
@@ -127,17 +124,14 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 f"{['--lora-r'] * (a.lora_r is not None) + given}")
     if a.lora_load is None and a.lora_r is None and given:
         p.error(f"{given} need --lora-r (or --lora-load)")
-    for name in ("micro_batch_size", "num_micro_batches", "train_iters", "seq_length", "log_interval"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.seq_length < 1:
+        p.error("--seq-length must be >= 1")
     if a.lora_dropout is not None and not 0.0 <= a.lora_dropout < 1.0:
         p.error("--lora-dropout must be in [0, 1)")
-    for name in ("max_samples", "eval_samples", "save_interval", "clip_grad", "lr_warmup_iters"):
+    for name in ("max_samples", "eval_samples"):
         v = getattr(a, name)
         if v is not None and v < (1 if name == "max_samples" else 0):
             p.error(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_samples' else 0}, got {v}")
-    if a.lr_decay_style == "constant" and a.min_lr != 0.0:
-        p.error("--min-lr is the floor of a decaying schedule; --lr-decay-style constant never uses it")
     if a.map_keys is not None:
         try:
             mk = json.loads(a.map_keys)
@@ -148,10 +142,12 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     raw = a.data_path.endswith((".json", ".jsonl"))
     if not raw:
         unused = {"--prompt-type": a.prompt_type, "--map-keys": a.map_keys, "--max-samples": a.max_samples,
-                  "--data-style": a.data_style, "--tokenizer": a.tokenizer}
+                  "--data-style": a.data_style, "--tokenizer-model": a.tokenizer_model,
+                  "--tokenizer-name-or-path": a.tokenizer_name_or_path, "--tokenizer-type": a.tokenizer_type}
         bad = [k for k, v in unused.items() if v is not None]
         if bad:
             p.error(f"{bad} apply to raw .json/.jsonl records; {a.data_path} is a preprocessed prefix")
+    cli.validate_common(a, PROG)
 
 
 # ----------------------------------------------------------------------------- data
@@ -204,7 +200,7 @@ def load_examples(args, model) -> tuple[object, dict]:
                              f"than --seq-length {args.seq_length}; pass --seq-length {int(per_doc.max())} or "
                              f"re-run preprocess_data.py with --seq-length {args.seq_length}")
         return ds, {"source": "preprocessed", "examples": len(ds)}
-    tok = load_tokenizer(args.tokenizer or args.load_hf, vocab_size=model.config.vocab_size)
+    tok = cli.load_tokenizer(args, default=args.load_hf, vocab_size=model.config.vocab_size)
     template = args.prompt_type or pmodel.families.get(model.family).chat_template
     map_keys = json.loads(args.map_keys) if args.map_keys else {}
     records = _read_records(Path(args.data_path))
@@ -232,15 +228,15 @@ def load_examples(args, model) -> tuple[object, dict]:
                                  "skipped": skipped}
 
 
-def batches(dataset, args, collator):
-    """Endless micro-batch groups (one list per optimizer step), epoch after epoch in order."""
-    n = len(dataset)
-    gbs = args.micro_batch_size * args.num_micro_batches
-    if n < gbs:
-        raise SystemExit(f"{n} examples cannot fill one global batch of {gbs}")
-    while True:
-        yield from MicroBatchLoader(dataset, micro_batch_size=args.micro_batch_size,
-                                    num_micro_batches=args.num_micro_batches, collator=collator)
+class _Cycle:
+    """Sample ``i`` of an endless pass over ``dataset`` in order, epoch after epoch (so a resumed
+    run continues from its consumed-samples position)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.n = dataset, len(dataset)
+
+    def sample(self, i: int):
+        return self.dataset.sample(i % self.n)
 
 
 # ----------------------------------------------------------------------------- model
@@ -251,8 +247,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def build(args):
-    """``(model, params, is_lora)`` for the train command."""
-    dtype = _DTYPES[args.dtype] if args.dtype else None
+    """``(model, params, is_lora)`` for the train command (full params, single-process layout)."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     model, params = pmodel.load_hf(args.load_hf, dtype=dtype)
     if args.lora_load is not None:
         # rank, alpha, dropout and targets come from the adapter's config
@@ -275,85 +271,73 @@ def save(args, model, params, is_lora: bool, out: Path) -> None:
         _copy_tokenizer(Path(args.load_hf), out)
 
 
-def _grads_add(acc, g):
-    if acc is None:
-        return g
-    return tree.map(lambda a, b: None if a is None else a + b, acc, g, is_leaf=lambda x: x is None)
-
-
-@torch.no_grad()
-def eval_loss(model, params, examples: list, collator) -> float:
-    """Mean response-token loss over ``examples`` (the sum over all tokens / their count)."""
-    total, count = 0.0, 0
-    p = L.bind_dropout(params, train=False) if "lora" in model.transforms else params
-    for i in range(0, len(examples), 8):
-        batch = collate(examples[i:i + 8], collator)
-        _, aux = model.loss(p, batch)
-        total += float(aux["loss_sum"])
-        count += int(aux["num_tokens"])
-    return total / max(count, 1)
-
-
 def train(args) -> None:
-    model, params, is_lora = build(args)
+    launch = cli.Launch(args, PROG)
+    model, full, is_lora = build(args)
     if args.recompute:
-        from pmodel.recompute import recompute
-        model = recompute(model, "full", "uniform", 1)
+        model = pmodel.recompute(model, "full", "uniform", 1)
+    model = model.replace(kernels=cli.kernels_of(args, launch.device, PROG))
+    cfg = model.config
+    lay = launch.layout(args, cfg)
     dataset, info = load_examples(args, model)
-    print(json.dumps({"data": info}), flush=True)
+    launch.say(json.dumps({"data": info}))
+    if len(dataset) < lay["global_batch"]:
+        cli.refuse(PROG, f"{len(dataset)} examples cannot fill one global batch of {lay['global_batch']}")
     collator = CollatorConfig(seq_length=None, pad_to_multiple_of=8)
-    n_train = sum(t.numel() for t in tree.leaves(params) if t.requires_grad)
-    print(json.dumps({"model": model.family, "lora": is_lora, "trainable_params": n_train,
-                      "total_params": sum(t.numel() for t in tree.leaves(params))}), flush=True)
+    n_train = sum(t.numel() for t in tree.leaves(full) if t.requires_grad)
+    launch.say(json.dumps({"model": model.family, "lora": is_lora, "trainable_params": n_train,
+                           "total_params": sum(t.numel() for t in tree.leaves(full))}))
+    hook = None
+    if is_lora and L.spec_of(model).dropout > 0:
+        # Dropout masks keyed by the global micro-batch number (the same under every layout);
+        # evaluation binds none.
+        def hook(p, i):
+            return L.bind_dropout(p, train=False) if i is None else L.bind_dropout(p, seed=args.seed, step=i)
+    tx, clip = cli.optimizer_of(args)
+    launch.build_mesh(lay)
+    try:
+        plan = cli.build_plan(args, launch, model, tx, lay, max_grad_norm=clip, policy=cli.policy_of(args, cfg.dtype),
+                              hook=hook)
+        params = tree.map(lambda t: t.to(launch.device), plan.shard(full))
+        template = full if launch.lead and launch.world > 1 else None
+        del full
+        opt_state = plan.tx.init(params)
+        dev = launch.device
 
-    sched = optim.megatron(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
-                           decay_steps=args.train_iters if args.lr_decay_style in ("linear", "cosine") else None,
-                           style=args.lr_decay_style)
-    parts = [optim.clip_by_global_norm(args.clip_grad)] if args.clip_grad > 0 else []
-    parts.append(optim.adamw(sched, args.adam_beta1, args.adam_beta2, args.adam_eps, args.weight_decay))
-    # Frozen leaves (the LoRA base, everything but the adapters) get no optimizer state.
-    tx = optim.masked(optim.chain(*parts), optim.trainable_mask)
-    state = tx.init(params)
-    dropout = is_lora and L.spec_of(model).dropout > 0
+        def to_batch(mb):
+            return {k: v.to(dev) for k, v in mb.items()}
+        train_data = cli.loader(_Cycle(dataset), args, launch, lay, collator, to_batch)
+        mesh = launch.mesh
+        eval_set = [dataset.sample(i) for i in range(min(args.eval_samples, len(dataset)))]
+        mine = eval_set[mesh.rank("dp")::mesh.size("dp")]  # each data-parallel rank scores its share
 
-    eval_set = [dataset.sample(i) for i in range(min(args.eval_samples, len(dataset)))]
-    if eval_set:
-        print(json.dumps({"eval": "before", "iter": 0, "loss": eval_loss(model, params, eval_set, collator)}),
-              flush=True)
+        def eval_batches():
+            return [[to_batch(collate(mine[i:i + 8], collator))] for i in range(0, len(mine), 8)]
+        if eval_set:
+            launch.say(json.dumps({"eval": "before", "iter": 0, "loss": plan.evaluate(params, eval_batches())["loss"]}))
+        out = Path(args.save)
 
-    def loss_fn(p, batch, num_tokens):
-        return model.loss(p, batch, num_tokens=num_tokens)[0]
-
-    step_fn = value_and_grad(loss_fn)
-    out = Path(args.save)
-    stream = batches(dataset, args, collator)
-    micro_step = 0
-    for it in range(1, args.train_iters + 1):
-        t0 = time.perf_counter()
-        micro = next(stream)
-        num_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
-        grads, loss_sum = None, 0.0
-        for b in micro:
-            p = L.bind_dropout(params, seed=args.seed, step=micro_step) if dropout else params
-            micro_step += 1
-            loss, g = step_fn(p, b, max(num_tokens, 1))
-            loss_sum += float(loss)
-            grads = _grads_add(grads, g)
-        updates, state = tx.update(grads, state, params)
-        optim.apply_updates(params, updates)
-        if it % args.log_interval == 0 or it == args.train_iters:
-            clip = optim.find_states(state, optim.ClipState)
-            print(json.dumps({"iter": it, "loss": loss_sum, "lr": sched(it), "tokens": num_tokens,
-                              "grad_norm": float(clip[0].norm) if clip else None,
-                              "time_s": round(time.perf_counter() - t0, 4)}), flush=True)
-        if args.save_interval and it % args.save_interval == 0 and it != args.train_iters:
-            save(args, model, params, is_lora, out / f"iter_{it:07d}")
-
-    if eval_set:
-        print(json.dumps({"eval": "after", "iter": args.train_iters,
-                          "loss": eval_loss(model, params, eval_set, collator)}), flush=True)
-    save(args, model, params, is_lora, out)
-    print(json.dumps({"saved": str(out), "kind": "peft_adapter" if is_lora else "hf_checkpoint"}), flush=True)
+        def snapshot(st, p, o):
+            """--save-interval: the adapter / HF checkpoint at this iteration (the final one goes to --save)."""
+            if st.step == args.train_iters:
+                return None
+            full = cli.gather(plan, p, template, out / ".gather")
+            if launch.lead:
+                save(args, model, full, is_lora, out / f"iter_{st.step:07d}")
+            return out / f"iter_{st.step:07d}"
+        metrics_save, args.save = args.save, None  # --save is the output folder, not a checkpoint root
+        params, opt_state, state, _ = cli.run(args, launch, plan, params, opt_state, train_data, config=cfg,
+                                              extra={"args": vars(args)}, save=snapshot if args.save_interval else None)
+        args.save = metrics_save
+        if eval_set:
+            launch.say(json.dumps({"eval": "after", "iter": state.step,
+                                   "loss": plan.evaluate(params, eval_batches())["loss"]}))
+        final = cli.gather(plan, params, template, out / ".gather")
+        if launch.lead:
+            save(args, model, final, is_lora, out)
+            launch.say(json.dumps({"saved": str(out), "kind": "peft_adapter" if is_lora else "hf_checkpoint"}))
+    finally:
+        launch.close()
 
 
 def merge(args) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,20 @@ _TOKENIZER_TYPES = {
     "GPTSentencePieceTokenizer": "sentencepiece", "TiktokenTokenizer": "tiktoken",
     "GPT2BPETokenizer": "hf", "HFTokenizer": "hf", "ByteTokenizer": "bytes", "auto": "auto",
 }
+
+# PreprocessConfig field -> the flag that sets it: the library's messages name its fields
+# (``PreprocessConfig.workers``); a user of this script typed flags.
+_FLAGS = {
+    "inputs": "--input", "output_prefix": "--output-prefix", "tokenizer_kind": "--tokenizer-type",
+    "json_keys": "--json-keys", "handler": "--handler-name", "prompt_type": "--prompt-type",
+    "map_keys": "--map-keys", "append_eod": "--append-eod", "seq_length": "--seq-length", "pack": "--pack",
+    "workers": "--workers", "chunk_size": "--chunk-size", "strict": "--strict", "log_interval": "--log-interval",
+}
+
+
+def flag_message(msg: str) -> str:
+    """A library message with ``PreprocessConfig.<field>`` replaced by the field's flag."""
+    return re.sub(r"PreprocessConfig\.(\w+)", lambda m: _FLAGS.get(m.group(1), m.group(0)), msg)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,7 +123,7 @@ def main(argv=None) -> int:
             log_interval=args.log_interval, progress=not args.no_progress)
         report = preprocess(cfg)
     except (PreprocessError, FileNotFoundError, ValueError) as e:  # e.g. an unreadable tokenizer file
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_message(str(e))}", file=sys.stderr)
         return 1
     print(report.summary())
     return 0

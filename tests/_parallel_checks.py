@@ -13,7 +13,8 @@ from pmodel import tree
 from pmodel.model import ModelConfig, build
 from pmodel.params import is_decl
 from pmodel.parallel import Mesh, comm
-from pmodel.parallel.tensor import ColumnParallel, RowParallel, VocabParallel, tensor_parallel, tp_layout
+from pmodel.parallel.layout import layout_of
+from pmodel.parallel.tensor import tensor_parallel
 
 RTOL = 1e-5  # fp32, relative to the reference's largest magnitude
 
@@ -153,7 +154,7 @@ def check_comm(rank, world):
 def check_model_equivalence(mesh, cfg_name, sequence_parallel, tag):
     """logits, loss and every gradient of the sharded run equal the single-process run."""
     from pmodel.parallel.data import DataParallel
-    from pmodel.parallel.tensor import sync_sequence_parallel_grads
+    from pmodel.parallel.tensor import sync_replicated_grads
     res = {}
     cfg = CONFIGS[cfg_name]()
     plain = build(cfg)
@@ -164,7 +165,7 @@ def check_model_equivalence(mesh, cfg_name, sequence_parallel, tag):
 
     model = tensor_parallel(plain, mesh, sequence_parallel=sequence_parallel)
     params = pmodel.init(model, seed=3)
-    layout = tp_layout(model)
+    layout = layout_of(model)
     want_vals = local_of(layout, model.defs, {p: t.detach() for p, t in tree.paths(full)})
     got_vals = dict(tree.paths(params))
     res[f"{tag} init == slice of full draw"] = (None if set(want_vals) == set(got_vals) and all(
@@ -183,7 +184,7 @@ def check_model_equivalence(mesh, cfg_name, sequence_parallel, tag):
     loss, aux = model.loss(params, local, num_tokens=num)
     loss.backward()
     dp.finish()
-    sync_sequence_parallel_grads(model, params)
+    sync_replicated_grads(model, params)
     loss_total = comm.all_reduce(loss.detach(), mesh.group("dp"))
     res[f"{tag} loss"] = close(loss_total, ref_loss)
     want = local_of(layout, model.defs, ref_grads)
@@ -279,14 +280,14 @@ def parallel_training(mesh, cfg_name, *, sp, distributed, overlap, replica, micr
     plan = parallelize(build(cfg), _tx(), mesh, sequence_parallel=sp, distributed_optimizer=distributed,
                        overlap_grad_reduce=overlap, high_availability=replica, bucket_numel=700,
                        max_grad_norm=CLIP)
-    params = pmodel.init(plan.model, seed=5)
+    params = plan.init(seed=5)
     state = plan.tx.init(params)
-    dp = plan.data_parallel(params)
+    dp = plan.data_parallel(params)  # the buckets plan.step uses for these params
     before = dp.reductions
     for batch in _batches(cfg, STEPS, 8):
         local = dp_slice(batch, mesh)
         mbs = [{k: v.chunk(micro, 0)[i] for k, v in local.items()} for i in range(micro)]
-        state, metrics = plan.step(params, state, dp, mbs)
+        params, state, metrics = plan.step(params, state, mbs)
     once = (dp.reductions - before) == STEPS * len(dp.buffers)
     from pmodel.parallel.memory import measured_bytes
     mem = measured_bytes(params, state, dp.buffers)
@@ -378,7 +379,7 @@ def check_lora_dropout(mesh, cfg_name, sp, tag):
     loss.backward()
     sync_replicated_grads(model, params)
     res[f"{tag} loss with dropout"] = close(loss.detach(), ref_loss.detach())
-    want = local_of(tp_layout(model), model.defs, ref_grads)
+    want = local_of(layout_of(model), model.defs, ref_grads)
     bad = [f"{p}: {close(t.grad, want[p]) if t.grad is not None else 'no grad'}" for p, t in tree.paths(params)
            if t.requires_grad and (t.grad is None or close(t.grad, want[p]))]
     n = sum(t.requires_grad for t in tree.leaves(params))
@@ -404,9 +405,22 @@ def _lora_tx(kind):
     return _tx()
 
 
+def dropout_step(step: int, rank: int, i: int, dp: int, micro: int) -> int:
+    """The dropout key index ``parallelize``'s micro-batch hook gets for micro-batch ``i`` of dp
+    rank ``rank`` in optimizer step ``step`` (global micro-batch ``i * dp + rank``, numbered over
+    the run)."""
+    return step * micro * dp + i * dp + rank
+
+
+def bind_hook(params, index):
+    """The LoRA micro-batch hook: fresh dropout keys per micro-batch, none for evaluation."""
+    from pmodel import lora as L
+    return L.bind_dropout(params, train=False) if index is None else L.bind_dropout(params, seed=LORA_SEED, step=index)
+
+
 def lora_reference_training(cfg_name, dp, micro=2):
     """Single-process LoRA training (only adapters train, SGD with momentum), summing in the dp
-    order and binding the same dropout keys per step as the parallel run.
+    order and binding the same dropout keys per micro-batch as the parallel run.
 
     Returns ``{path: final - initial}`` for the adapter factors."""
     from pmodel import lora as L
@@ -420,7 +434,6 @@ def lora_reference_training(cfg_name, dp, micro=2):
     leaves = tree.leaves(params)
     live = [p for p in leaves if p.requires_grad]
     for s, batch in enumerate(_batches(cfg, LORA_STEPS, 8)):
-        bound = L.bind_dropout(params, seed=LORA_SEED, step=s)
         total = (batch["labels"] != -100).sum()
         per_rank = []
         for r in range(dp):
@@ -429,6 +442,7 @@ def lora_reference_training(cfg_name, dp, micro=2):
                 p.grad = None
             for i in range(micro):
                 mb = {k: v.chunk(micro, 0)[i] for k, v in chunk.items()}
+                bound = L.bind_dropout(params, seed=LORA_SEED, step=dropout_step(s, r, i, dp, micro))
                 loss, _ = lm.loss(bound, mb, num_tokens=total)
                 loss.backward()
             per_rank.append([p.grad.clone() for p in live])
@@ -444,23 +458,21 @@ def lora_reference_training(cfg_name, dp, micro=2):
 
 
 def lora_parallel_training(mesh, lm, kind, *, distributed, micro=2):
-    """The same steps through ``parallelize`` (SP on when tp > 1). Returns ``(start, final)``."""
-    from pmodel import lora as L
-    from pmodel import optim
+    """The same steps through ``parallelize`` (SP on when tp > 1; dropout keys bound per
+    micro-batch by the plan's hook). Returns ``(plan, start, final)``."""
     from pmodel.parallel.plan import parallelize
-    # Optimizer state only for the adapters: the distributed optimizer skips frozen leaves
-    # itself; the plain one needs the mask.
-    tx = _lora_tx(kind) if distributed else optim.masked(_lora_tx(kind), optim.trainable_mask)
-    plan = parallelize(lm, tx, mesh, sequence_parallel=mesh.size("tp") > 1, distributed_optimizer=distributed,
-                       overlap_grad_reduce=distributed, bucket_numel=700, max_grad_norm=CLIP)
-    params = pmodel.init(plan.model, seed=5)
+    # The plan keeps optimizer state only for trainable leaves (the adapters), with or without
+    # the distributed optimizer.
+    plan = parallelize(lm, _lora_tx(kind), mesh, sequence_parallel=mesh.size("tp") > 1,
+                       distributed_optimizer=distributed, overlap_grad_reduce=distributed, bucket_numel=700,
+                       max_grad_norm=CLIP, micro_batch_hook=bind_hook)
+    params = plan.init(seed=5)
     start = {k: v.detach().clone() for k, v in tree.paths(params)}
     state = plan.tx.init(params)
-    dp = plan.data_parallel(params)
-    for s, batch in enumerate(_batches(TRAIN_CONFIGS["gqa_nobias"](), LORA_STEPS, 8)):
+    for batch in _batches(TRAIN_CONFIGS["gqa_nobias"](), LORA_STEPS, 8):
         local = dp_slice(batch, mesh)
         mbs = [{k: v.chunk(micro, 0)[i] for k, v in local.items()} for i in range(micro)]
-        state, _ = plan.step(L.bind_dropout(params, seed=LORA_SEED, step=s), state, dp, mbs)
+        params, state, _ = plan.step(params, state, mbs)
     return plan, start, {k: v.detach() for k, v in tree.paths(params)}
 
 
@@ -473,7 +485,7 @@ def check_lora_training(mesh, tag):
     lm, ref_delta = lora_reference_training("gqa_nobias", mesh.size("dp"))
     plan, start, got = lora_parallel_training(mesh, lm, "sgd", distributed=False)
     full_delta = {p: ref_delta.get(p, torch.zeros(d.shape)) for p, d in tree.paths(lm.defs, is_leaf=is_decl)}
-    want = local_of(tp_layout(plan.model), plan.model.defs, full_delta)
+    want = local_of(layout_of(plan.model), plan.model.defs, full_delta)
     trained = set(ref_delta)  # the adapter factors (same paths under TP)
     bad = [f"{k}: {close(got[k] - start[k], want[k])}" for k in trained if close(got[k] - start[k], want[k])]
     res[f"{tag} adapter updates after {LORA_STEPS} sgd steps == single process"] = "; ".join(bad) or None

@@ -2,14 +2,30 @@
 
 Registered under the real ``npu`` namespace and op names with the documented schemas and
 semantics, so ``pmodel.ops.npu`` runs unchanged on CPU. They are installed only when the real
-torch_npu is absent, and only by the tests that ask for them.
+torch_npu is absent, and only by the tests that ask for them. ``CALLS`` counts how often each
+stand-in ran, so a test can tell which implementation a policy selected.
+
+MC2 (``npu_all_gather_base_mm``, ``npu_mm_reduce_scatter_base``) takes the HCCL communicator
+*name* of a process group (``hcom``). pmodel obtains it the documented torch_npu way,
+``group._get_backend(device).get_hccl_comm_name(global_rank)``. :func:`hccl_group` satisfies
+that on CPU without patching anything: it registers a torch.distributed backend
+(``Backend.register_backend``) whose process-group backend is gloo plus a
+``get_hccl_comm_name`` method, and records name -> group, so the stand-in kernels run their
+collectives with gloo on the group the name stands for. They check the kernels' documented
+constraints (2-D inputs, matching ``k`` in [256, 65535), ``world_size`` equal to the group size
+and in {2, 4, 8, 16, 32}, ``m`` divisible by ``world_size`` for the reduce-scatter, only
+``gather_index=0`` / ``comm_turn=0`` / ``reduce_op='sum'``, no bias), except the dtype: the real
+kernels take only fp16 / bf16, the stand-ins any float dtype so tests can compare in float64.
 """
 from __future__ import annotations
 
-import math
+import collections
+import itertools
 
 import torch
 import torch.nn.functional as F
+
+CALLS: collections.Counter = collections.Counter()
 
 SCHEMAS = {
     "npu_rms_norm": "npu_rms_norm(Tensor self, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
@@ -21,6 +37,16 @@ SCHEMAS = {
         "float keep_prob=1., int pre_tockens=2147483647, int next_tockens=2147483647, int inner_precise=0, "
         "int[]? prefix=None, int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, "
         "bool gen_mask_parallel=True, bool sync=False) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)"),
+    # op-plugin's current schemas (older torch_npu lacks the scale / dtype / comm_mode arguments;
+    # pmodel passes none of them).
+    "npu_all_gather_base_mm": (
+        "npu_all_gather_base_mm(Tensor self, Tensor x2, str hcom, int world_size, *, Tensor? bias=None, "
+        "Tensor? x1_scale=None, Tensor? x2_scale=None, int gather_index=0, bool gather_output=True, "
+        "int comm_turn=0, ScalarType? output_dtype=None, str? comm_mode=None) -> (Tensor, Tensor)"),
+    "npu_mm_reduce_scatter_base": (
+        "npu_mm_reduce_scatter_base(Tensor self, Tensor x2, str hcom, int world_size, *, str reduce_op='sum', "
+        "Tensor? bias=None, Tensor? x1_scale=None, Tensor? x2_scale=None, int comm_turn=0, "
+        "ScalarType? output_dtype=None, str? comm_mode=None) -> Tensor"),
 }
 
 
@@ -70,8 +96,105 @@ def _fusion_attention(query, key, value, head_num, input_layout, pse=None, paddi
     return out.contiguous(), z, z, z, 0, 0, 0
 
 
+# ----------------------------------------------------------------------------- MC2
+_GROUPS: dict = {}  # hcom name -> ProcessGroup
+_BACKENDS: list = []  # keep the Python backend objects alive (their type carries get_hccl_comm_name)
+_NAMES = itertools.count()
+_BACKEND_NAME = "hccl_standin"
+
+
+def _check_mc2(name, a, b, hcom, world_size, bias, comm_turn):
+    import torch.distributed as dist
+
+    if a.dim() != 2 or b.dim() != 2:
+        raise RuntimeError(f"{name}: inputs must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise RuntimeError(f"{name}: k mismatch {tuple(a.shape)} @ {tuple(b.shape)}")
+    if not 256 <= a.shape[1] < 65535:
+        raise RuntimeError(f"{name}: k = {a.shape[1]} outside [256, 65535)")
+    if not a.is_contiguous():
+        raise RuntimeError(f"{name}: self must not be a transposed (non-contiguous) tensor")
+    if hcom not in _GROUPS:
+        raise RuntimeError(f"{name}: unknown hcom {hcom!r}")
+    group = _GROUPS[hcom]
+    if world_size not in (2, 4, 8, 16, 32) or world_size != dist.get_world_size(group):
+        raise RuntimeError(f"{name}: world_size {world_size} (group has {dist.get_world_size(group)})")
+    if bias is not None or comm_turn != 0:
+        raise RuntimeError(f"{name}: bias and comm_turn != 0 are not supported")
+    return group
+
+
+def _all_gather_base_mm(x1, x2, hcom, world_size, *, bias=None, x1_scale=None, x2_scale=None, gather_index=0,
+                        gather_output=True, comm_turn=0, output_dtype=None, comm_mode=None):
+    import torch.distributed as dist
+
+    group = _check_mc2("npu_all_gather_base_mm", x1, x2, hcom, world_size, bias, comm_turn)
+    if gather_index != 0 or x1_scale is not None or x2_scale is not None:
+        raise RuntimeError("npu_all_gather_base_mm: only gather_index=0 without quantisation")
+    gathered = x1.new_empty((world_size * x1.shape[0], x1.shape[1]))
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, x1, group=group)
+    out = gathered @ x2
+    return out, (gathered if gather_output else x1.new_empty(0))
+
+
+def _mm_reduce_scatter_base(x1, x2, hcom, world_size, *, reduce_op="sum", bias=None, x1_scale=None, x2_scale=None,
+                            comm_turn=0, output_dtype=None, comm_mode=None):
+    import torch.distributed as dist
+
+    group = _check_mc2("npu_mm_reduce_scatter_base", x1, x2, hcom, world_size, bias, comm_turn)
+    if reduce_op != "sum" or x1_scale is not None or x2_scale is not None:
+        raise RuntimeError("npu_mm_reduce_scatter_base: only reduce_op='sum' without quantisation")
+    if x1.shape[0] % world_size:
+        raise RuntimeError(f"npu_mm_reduce_scatter_base: m = {x1.shape[0]} not divisible by {world_size}")
+    full = (x1 @ x2).contiguous()
+    out = full.new_empty((x1.shape[0] // world_size, full.shape[1]))
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, full, group=group)
+    return out
+
+
+def _register_backend():
+    import torch.distributed as dist
+
+    if _BACKEND_NAME in dist.Backend.backend_list:
+        return
+
+    class HcclStandin(dist.ProcessGroupGloo):
+        """gloo, plus the communicator name the MC2 kernels take."""
+
+        def get_hccl_comm_name(self, rank: int) -> str:
+            return self.hcom
+
+    def create(store, rank, size, timeout):
+        backend = HcclStandin(store, rank, size, timeout)
+        backend.hcom = f"hccl_standin_{next(_NAMES)}"
+        _BACKENDS.append(backend)
+        return backend
+
+    dist.Backend.register_backend(_BACKEND_NAME, create, devices=["cpu"])
+
+
+def hccl_group(ranks):
+    """A process group over ``ranks`` whose CPU backend answers ``get_hccl_comm_name`` and whose
+    name the MC2 stand-ins resolve (call on every rank, like ``dist.new_group``)."""
+    import torch.distributed as dist
+
+    _register_backend()
+    group = dist.new_group(list(ranks), backend=_BACKEND_NAME)
+    if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+        _GROUPS[group._get_backend(torch.device("cpu")).get_hccl_comm_name(dist.get_rank())] = group
+    return group
+
+
+def _counted(name, fn):
+    def run(*args, **kwargs):
+        CALLS[name] += 1
+        return fn(*args, **kwargs)
+    return run
+
+
 IMPLS = {"npu_rms_norm": _rms_norm, "npu_swiglu": _swiglu, "npu_rotary_mul": _rotary_mul,
-         "npu_fusion_attention": _fusion_attention}
+         "npu_fusion_attention": _fusion_attention, "npu_all_gather_base_mm": _all_gather_base_mm,
+         "npu_mm_reduce_scatter_base": _mm_reduce_scatter_base}
 
 
 def install():
@@ -85,5 +208,5 @@ def install():
     lib = torch.library.Library("npu", "DEF")
     for name, schema in SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, IMPLS[name], "CompositeImplicitAutograd")
+        lib.impl(name, _counted(name, IMPLS[name]), "CompositeImplicitAutograd")
     return lib

@@ -142,14 +142,31 @@ def test_script_cli_on_shared_data(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(seq_length=128), r"--seq-length apply to the instruction handlers only"),
-    (dict(prompt_type="chatml"), r"--prompt-type apply to the instruction handlers only"),
-    (dict(map_keys={"text": "body"}), r"--map-keys apply to the instruction handlers only"),
-    (dict(handler="AlpacaStyleInstructionHandler", append_eod=True), r"--append-eod applies to GeneralPretrainHandler"),
+    (dict(seq_length=128), r"PreprocessConfig\.seq_length apply to the instruction handlers only"),
+    (dict(prompt_type="chatml"), r"PreprocessConfig\.prompt_type apply to the instruction handlers only"),
+    (dict(map_keys={"text": "body"}), r"PreprocessConfig\.map_keys apply to the instruction handlers only"),
+    (dict(handler="AlpacaStyleInstructionHandler", append_eod=True),
+     r"PreprocessConfig\.append_eod applies to GeneralPretrainHandler"),
 ])
 def test_config_refuses_options_the_handler_would_ignore(tmp_path, kw, msg):
     with pytest.raises(PreprocessError, match=msg):
         _cfg(tmp_path, [tmp_path / "x.jsonl"], **kw)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(workers=0), "PreprocessConfig.workers must be >= 1, got 0"),
+    (dict(chunk_size=0), "PreprocessConfig.chunk_size must be >= 1, got 0"),
+    (dict(seq_length=0, handler="AlpacaStyleInstructionHandler"), "PreprocessConfig.seq_length must be >= 1, got 0"),
+    (dict(pack=True, handler="AlpacaStyleInstructionHandler"),
+     "PreprocessConfig.pack needs PreprocessConfig.seq_length and an instruction handler in PreprocessConfig.handler"),
+    (dict(json_keys=()), "PreprocessConfig.json_keys is empty"),
+    (dict(handler="Nope"), "PreprocessConfig.handler: unknown handler 'Nope'"),
+])
+def test_config_errors_name_the_config_fields(tmp_path, kw, msg):
+    # the library speaks of its own arguments; only the script knows its flags
+    with pytest.raises(PreprocessError) as e:
+        _cfg(tmp_path, [tmp_path / "x.jsonl"], **kw)
+    assert msg in str(e.value) and "--" not in str(e.value)
 
 
 def test_script_refuses_flags_it_would_ignore(tmp_path, capsys):
@@ -163,6 +180,13 @@ def test_script_refuses_flags_it_would_ignore(tmp_path, capsys):
         (["--tokenizer-model", "a.model", "--tokenizer-name-or-path", "d"], "give one of --tokenizer-model"),
         (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler",
           "--json-keys", "instruction"], "--json-keys applies to GeneralPretrainHandler"),
+        # library refusals come back in the script's own flags
+        (["--tokenizer-type", "ByteTokenizer", "--workers", "0"], "error: --workers must be >= 1, got 0"),
+        (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler", "--pack"],
+         "error: --pack needs --seq-length and an instruction handler in --handler-name"),
+        (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler", "--append-eod"],
+         "--append-eod applies to GeneralPretrainHandler; AlpacaStyleInstructionHandler ends each response "
+         "with the --prompt-type template's end token"),
     ]
     for extra, msg in cases:
         assert main(base + extra) != 0, extra

@@ -244,7 +244,7 @@ def test_pmodel_optimizer_keeps_state_only_for_adapters():
 
 
 def test_recompute_composes_with_lora_and_dropout():
-    from pmodel.recompute import recompute
+    from pmodel.remat import recompute
 
     _, _, lm, lp = _setup(dropout=0.1)
     lp = L.bind_dropout(_randomise_b(lp), seed=3, step=5)

@@ -24,7 +24,7 @@ def _worker(rank, world):
     from pmodel import tree
     from pmodel.model import build
     from pmodel.parallel import Mesh
-    from pmodel.parallel.tensor import sync_sequence_parallel_grads, tensor_parallel, tp_layout
+    from pmodel.parallel import layout_of, sync_replicated_grads, tensor_parallel
 
     res = {}
     mesh = Mesh.build(tp=world)
@@ -43,7 +43,7 @@ def _worker(rank, world):
             tag = f"[lora tp{world} {cfg_name}{' sp' if sp else ''}]"
             model = tensor_parallel(lm, mesh, sequence_parallel=sp)
             params = pmodel.init(model, seed=3)
-            layout = tp_layout(model)
+            layout = layout_of(model)
             # The params keep the single-process structure and paths (local shards inside); the
             # parallel wrapper goes around the whole LoRA node when the block runs.
             kinds = {"/".join(type(t).__name__ for t in (n.base, n.a, n.b)) for _, n in
@@ -56,7 +56,7 @@ def _worker(rank, world):
             res[f"{tag} logits"] = C.close(model.apply(params, batch["tokens"]).detach(), ref_logits)
             loss, _ = model.loss(params, batch)
             loss.backward()
-            sync_sequence_parallel_grads(model, params)
+            sync_replicated_grads(model, params)
             res[f"{tag} loss"] = C.close(loss.detach(), ref_loss.detach())
             want = C.local_of(layout, model.defs, {p: ref_grads.get(p, torch.zeros_like(t)) for p, t in
                                                    tree.paths(full)})

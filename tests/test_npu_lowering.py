@@ -64,3 +64,74 @@ def test_whole_model_on_npu_backend_equals_reference():
     torch.testing.assert_close(l2, l1)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- MC2 (2 gloo ranks)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _mc2_worker(rank, world):
+    import torch.distributed as dist
+
+    from npu_standins import CALLS, hccl_group, install as install_standins
+
+    install_standins()
+    group = hccl_group(range(world))
+    f64 = torch.float64
+    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    checks = {}
+    mc2, plain = ops.Kernels(backend="npu", mc2=True), ops.Kernels(backend="npu")
+
+    def run(fn, x, w, gy, kernels):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        CALLS.clear()
+        y = fn(x, w, group, kernels=kernels)
+        y.backward(gy)
+        return y.detach(), x.grad, w.grad, dict(CALLS)
+
+    def compare(name, got, want, calls, expect_calls):
+        for part, a, b in zip(("y", "dx", "dw"), got, want):
+            checks[f"{name} {part}"] = None if _rel(a, b) < 1e-6 else f"relative error {_rel(a, b):.3g}"
+        checks[f"{name} calls"] = None if calls == expect_calls else f"stand-in calls {calls}, expected {expect_calls}"
+
+    # column: x (B, T/tp, D) -> (B, T, out/tp); D = 256 is the kernel's smallest k
+    B, T, D, O = 2, 4, 256, 6
+    X, W = torch.randn(B, T, D, generator=g, dtype=f64), torch.randn(O * world, D, generator=g, dtype=f64)
+    G = torch.randn(B, T, O * world, generator=g, dtype=f64)
+    seq, cols = slice(rank * T // world, (rank + 1) * T // world), slice(rank * O, (rank + 1) * O)
+    want = ((X @ W.T)[..., cols], (G @ W)[:, seq], torch.einsum("btn,btd->nd", G, X)[cols])
+    args = (X[:, seq], W[cols], G[..., cols])
+    fused = run(ops.all_gather_linear, *args, mc2)
+    ref = run(ops.all_gather_linear, *args, plain)
+    compare("column mc2", fused[:3], want, fused[3], {"npu_all_gather_base_mm": 1})
+    compare("column reference", ref[:3], want, ref[3], {})
+    compare("column mc2 vs reference", fused[:3], ref[:3], {}, {})
+
+    # row: x (B, T, in/tp) -> (B, T/tp, out); in/tp = out = 256 (k of the forward and backward kernels)
+    I, O = 256 * world, 256
+    X, W = torch.randn(B, T, I, generator=g, dtype=f64), torch.randn(O, I, generator=g, dtype=f64)
+    G = torch.randn(B, T, O, generator=g, dtype=f64)
+    ins = slice(rank * 256, (rank + 1) * 256)
+    want = ((X @ W.T)[:, seq], (G @ W)[..., ins], torch.einsum("bto,bti->oi", G, X)[:, ins])
+    args = (X[..., ins], W[:, ins], G[:, seq])
+    fused = run(ops.linear_reduce_scatter, *args, mc2)
+    ref = run(ops.linear_reduce_scatter, *args, plain)
+    compare("row mc2", fused[:3], want, fused[3], {"npu_mm_reduce_scatter_base": 1, "npu_all_gather_base_mm": 1})
+    compare("row reference", ref[:3], want, ref[3], {})
+    compare("row mc2 vs reference", fused[:3], ref[:3], {}, {})
+
+    # mc2 on a group without an HCCL communicator is refused, not silently lowered differently
+    try:
+        ops.all_gather_linear(X[:, seq, :256], W[:6, :256], dist.group.WORLD, kernels=mc2)
+        checks["gloo group refused"] = "no error"
+    except ValueError as e:
+        checks["gloo group refused"] = None if "HCCL" in str(e) else str(e)
+    return checks
+
+
+@pytest.mark.multiproc
+def test_mc2_sequence_parallel_linears_on_two_ranks():
+    from _dist import assert_all_ok, launch
+
+    assert_all_ok(launch(_mc2_worker, 2, timeout_s=180))

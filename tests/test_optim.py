@@ -1,11 +1,9 @@
 """Optimizers vs torch.optim step by step; composition, masks, schedules, value_and_grad,
 mixed precision and loss scaling."""
-import math
 
 import pytest
 import torch
 
-import pmodel
 from pmodel import optim, tree
 from pmodel.autodiff import value_and_grad
 from pmodel.precision import LossScale, Policy, bytes_per_param, last_step_skipped, loss_scale, mixed_precision

@@ -54,7 +54,7 @@ def test_flags_error_with_reason():
     with pytest.warns(UserWarning, match="data-parallel size 1: there is nothing to shard"):
         plan = parallelize(model, optim.adamw(1e-3), mesh, distributed_optimizer=True)
     assert plan.distributed  # it still runs the distributed optimizer (tested in the gloo runs)
-    with pytest.raises(ValueError, match="needs --use-distributed-optimizer"):
+    with pytest.raises(ValueError, match="high_availability .replica optimizer. needs distributed_optimizer"):
         parallelize(model, None, mesh, high_availability=True)
-    with pytest.raises(ValueError, match="overlap-grad-reduce needs"):
+    with pytest.raises(ValueError, match="overlap_grad_reduce needs data-parallel size > 1"):
         parallelize(model, None, mesh, overlap_grad_reduce=True)

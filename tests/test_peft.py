@@ -13,7 +13,6 @@ import torch
 
 import pmodel
 from pmodel import lora as L
-from pmodel import tree
 from pmodel.checkpoint import peft as P
 
 transformers = pytest.importorskip("transformers")

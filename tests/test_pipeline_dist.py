@@ -2,7 +2,8 @@
 the recorded 1F1B order, uneven splits, interleaved, zero-bubble, TP x PP, DP x PP, recompute,
 LoRA and tied embeddings inside stages, and stage checkpoints loaded under another split.
 
-Each world size is launched once; the worker runs every check and reports them by name.
+Each world size is launched once; the worker runs every check and reports them by name, and
+each name is its own test case sharing that launch (``-k "pp2_zero_bubble"`` runs one world).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist import assert_all_ok, launch  # noqa: E402
 
 TOL = 1e-5  # relative (per tensor: ||a - b|| / ||b||), as the acceptance asks
 
@@ -62,17 +62,18 @@ def _reference(model, batch, seed=0, steps=0, lr=1e-3):
 
 
 def _compare_grads(pipe_params, ref_grads, checks, name, tol=TOL):
+    # One check name on every rank (the stages hold different numbers of leaves).
     from pmodel import tree
     worst, n = 0.0, 0
     for path, x in tree.paths(pipe_params):
         if not x.requires_grad:
             continue
         if x.grad is None:
-            checks[f"{name}: {path}"] = "no gradient"
+            checks[f"{name}: grads"] = f"{path}: no gradient"
             return
         worst = max(worst, _rel(x.grad, ref_grads[path]))
         n += 1
-    checks[f"{name}: grads ({n} leaves)"] = None if (n and worst <= tol) else f"worst rel err {worst:.3e} over {n}"
+    checks[f"{name}: grads"] = None if (n and worst <= tol) else f"worst rel err {worst:.3e} over {n} leaves"
 
 
 def _check_run(model, mesh, checks, name, *, microbatches=4, schedule="1f1b", layers=None, V=1,
@@ -129,8 +130,7 @@ def _worker2(rank, world):
     import pmodel
     from pmodel.lora import lora
     from pmodel.parallel.mesh import Mesh
-    from pmodel.parallel.pipeline import pipeline
-    from pmodel.recompute import recompute
+    from pmodel.remat import recompute
 
     torch.manual_seed(0)
     checks: dict = {}
@@ -180,22 +180,43 @@ def _worker2(rank, world):
     _steps_check(m64, mesh, checks, "pp2 zero-bubble float64", schedule="zero-bubble")
     _steps_check(m64, mesh, checks, "pp2 interleaved float64", schedule="interleaved", V=2)
 
-    # Stage checkpoints: save under [1, 3], load under [3, 1]: equal to the single-process init.
-    from pmodel import tree
+    # Reshardable checkpoints: save under the split [1, 3] (params and Adam state after a step),
+    # load under [3, 1]: every leaf equals the single-process run's.
+    import json
+    from pathlib import Path
+
+    from pmodel import optim, tree
+    from pmodel.parallel import PipelineSpec, parallelize
     tmp = _shared_tmp(rank)
-    a = pipeline(model, mesh, "1f1b", microbatches=2, layers_per_stage=[1, 3])
-    pa = a.init(seed=7)
-    a.save(pa, tmp)
-    torch.distributed.barrier()
-    b = pipeline(model, mesh, "1f1b", microbatches=2, layers_per_stage=[3, 1])
-    pb = b.init(seed=0)  # different values, overwritten by load
-    b.load(pb, tmp)
-    full = dict(tree.paths(pmodel.init(model, seed=7)))
-    bad = [p for p, x in tree.paths(pb) if not torch.equal(x, full[p])]
+    batch = _batch(seed=3)
+    mbs = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    runs = {}
+    for split in ((1, 3), (3, 1)):
+        plan = parallelize(model, optim.adamw(1e-2), mesh, pipeline=PipelineSpec(layers_per_stage=split))
+        params = plan.init(7)
+        runs[split] = (plan, params, plan.tx.init(params))
+    plan, params, st = runs[(1, 3)]
+    params, st, _ = plan.step(params, st, mbs)
+    plan.save_checkpoint(tmp, 1, params, st)
+    plan_b, pb, sb = runs[(3, 1)]
+    pb, sb, man = plan_b.load_checkpoint(tmp, pb, sb)
+    single = pmodel.train.train_step(model, optim.adamw(1e-2))
+    ps = pmodel.init(model, seed=7)
+    ss = single.init(ps)
+    ps, ss, _ = single(ps, ss, mbs)
+    full = dict(tree.paths(ps))
+    bad = [p for p, x in tree.paths(pb) if (x - full[p]).abs().max() > 1e-6 * (1 + full[p].abs().max())]
     checks["checkpoint [1,3] -> [3,1]"] = None if not bad else f"differs: {bad[:3]}"
-    checks["checkpoint manifest global layers"] = None if sorted(
-        int(p.split(".")[1]) for p, _ in tree.paths(pb) if p.startswith("layers.")) and set(
-        int(p.split(".")[1]) for p, _ in tree.paths(pb) if p.startswith("layers.")) == set(b.layers) else "wrong layers"
+    mu = {p: x for p, x in tree.paths(ss.inner.inner)}
+    got = {p: x for p, x in tree.paths(sb.inner.inner)}
+    bad = [p for p in got if p in mu and (got[p] - mu[p]).abs().max() > 1e-6 * (1 + mu[p].abs().max())]
+    missing = [p for p in got if p not in mu]
+    checks["checkpoint [1,3] -> [3,1] optimizer state"] = None if not (bad or missing) else f"{bad[:3]} {missing[:3]}"
+    pieces = json.loads((Path(tmp) / "iter_0000001" / f"rank_{rank:05d}.json").read_text())["pieces"]
+    layers = sorted({int(p["param"].split(".")[1]) for p in pieces if p["kind"] == "params"
+                     and p["param"].startswith("layers.")})
+    checks["checkpoint manifest global layers"] = None if layers == ([0] if rank == 0 else [1, 2, 3]) else \
+        f"rank {rank} wrote layers {layers}"
     return checks
 
 
@@ -230,7 +251,7 @@ def _worker4(rank, world):
 
     # TP 2 x PP 2 (with and without sequence parallel).
     from pmodel.parallel.pipeline import pipeline
-    from pmodel.parallel.tensor import shard_params, sync_sequence_parallel_grads, tensor_parallel
+    from pmodel.parallel.tensor import shard_params, sync_replicated_grads, tensor_parallel
     mesh22 = Mesh.build(tp=2, pp=2)
     model4 = pmodel.families.preset("debug", num_layers=4)
     for sp in (False, True):
@@ -240,7 +261,7 @@ def _worker4(rank, world):
         batch = _batch()
         loss, _ = pipe.forward_backward(params, batch)
         if sp:
-            sync_sequence_parallel_grads(tpm.replace(defs=pipe.stage_defs()), params)
+            sync_replicated_grads(tpm.replace(defs=pipe.stage_defs()), params)
         ref_loss, _, ref_params = _reference(model4, batch)
         full = tree.map(lambda x: x.grad, ref_params)
         shards = dict(tree.paths(pipe.stage_params(shard_params(tpm, full))))
@@ -251,24 +272,17 @@ def _worker4(rank, world):
 
     # PP 2 x DP 2 with bucketed reduce-scatter and the distributed (ZeRO-1) optimizer: 5 steps.
     from pmodel import optim
-    from pmodel.parallel.data import DataParallel
-    from pmodel.parallel.optimizer import distributed_optimizer
+    from pmodel.parallel import PipelineSpec, parallelize
     mesh_dp = Mesh.build(dp=2, pp=2)
-    pipe = pipeline(model4, mesh_dp, "1f1b", microbatches=2)
-    params = pipe.init(seed=0)
-    dpar = DataParallel(params, mesh_dp, bucket_numel=20_000, reduce="reduce_scatter")
-    tx = distributed_optimizer(optim.adamw(1e-3, weight_decay=0.1), mesh_dp, bucket_numel=20_000)
-    state = tx.init(params)
+    plan = parallelize(model4, optim.adamw(1e-3, weight_decay=0.1), mesh_dp, pipeline=PipelineSpec(),
+                       distributed_optimizer=True, bucket_numel=20_000)
+    params = plan.init(0)
+    state = plan.tx.init(params)
     d = mesh_dp.rank("dp")
     for s in range(5):
-        dpar.zero_grad()
         gb = _batch(seed=s)
-        n_global = (gb["labels"] != -100).sum()
-        local = {k: v[2 * d: 2 * d + 2] for k, v in gb.items()}
-        pipe.forward_backward(params, local, num_tokens=n_global)
-        dpar.finish()
-        upd, state = tx.update(tree.map(lambda x: x.grad, params), state, params)
-        optim.apply_updates(params, upd)
+        local = [{k: v[2 * d + j: 2 * d + j + 1] for k, v in gb.items()} for j in range(2)]
+        params, state, _ = plan.step(params, state, local)
     _, _, ref = _reference(model4, _batch(seed=0), steps=5)
     refp = dict(tree.paths(ref))
     worst = max(_rel(x.detach(), refp[p].detach()) for p, x in tree.paths(params))
@@ -276,12 +290,61 @@ def _worker4(rank, world):
     return checks
 
 
+def _run_checks(*names: str) -> tuple[str, ...]:
+    """The names ``_check_run`` reports for each run name."""
+    return tuple(f"{n}: {c}" for n in names for c in ("loss", "grads"))
+
+
+# Every check the workers report, listed so that pytest collects them without launching (one
+# test case each; ``worlds`` in conftest.py launches each world once). Keep in sync with the
+# workers: test_*_checks_are_listed fails on an unlisted or a missing name.
+_RECOMPUTE = ("{'granularity': 'full'}", "{'granularity': 'full', 'method': 'block', 'num_layers': 1}",
+              "{'granularity': 'selective'}")
+CHECKS_2 = (
+    *_run_checks("pp2 1f1b"), "pp2 M4 recorded schedule == 1F1B",
+    *_run_checks("pp2 uneven [1,3]", "pp2 uneven [3,1] M=2", "pp2 interleaved V=2"),
+    "interleaved ran every chunk F and B once",
+    *_run_checks("pp2 zero-bubble"), "zero-bubble: each W after its B",
+    *_run_checks("pp2 zero-bubble uneven [1,3]", "pp2 1f1b no padding M=1"),
+    *_run_checks(*(f"pp2 recompute {kw}" for kw in _RECOMPUTE)),
+    *_run_checks("pp2 interleaved + recompute"),
+    *_run_checks(*(f"pp2 zero-bubble + recompute {kw}" for kw in (_RECOMPUTE[0], _RECOMPUTE[2]))),
+    *_run_checks("pp2 lora", "pp2 tied embeddings", "pp2 tied zero-bubble"),
+    "pp2 1f1b: 5 adamw steps params", "pp2 zero-bubble: 5 adamw steps params",
+    "pp2 interleaved: 5 adamw steps params",
+    "pp2 zero-bubble float64: 5 adamw steps params", "pp2 zero-bubble float64: 5 adamw steps updates",
+    "pp2 interleaved float64: 5 adamw steps params", "pp2 interleaved float64: 5 adamw steps updates",
+    "checkpoint [1,3] -> [3,1]", "checkpoint [1,3] -> [3,1] optimizer state", "checkpoint manifest global layers",
+)
+CHECKS_4 = (
+    *_run_checks("pp4 1f1b"), "pp4 recorded 1F1B",
+    *_run_checks("pp4 uneven [1,3,2,2]", "pp4 interleaved V=2", "pp4 zero-bubble M=6"),
+    "pp4 1f1b uneven: 5 adamw steps params",
+    "pp4 1f1b uneven float64: 5 adamw steps params", "pp4 1f1b uneven float64: 5 adamw steps updates",
+    *_run_checks("tp2xpp2 sp=False", "tp2xpp2 sp=True"),
+    "pp2xdp2 distributed optimizer: 5 adamw steps params",
+)
+
+
 @pytest.mark.multiproc
-def test_pipeline_two_ranks():
-    assert_all_ok(launch(_worker2, 2, timeout_s=600))
+@pytest.mark.parametrize("check", CHECKS_2)
+def test_pipeline_two_ranks(worlds, check):
+    worlds.assert_check(worlds.results(_worker2, 2, timeout_s=600), check)
+
+
+@pytest.mark.multiproc
+def test_pipeline_two_ranks_checks_are_listed(worlds):
+    worlds.assert_listed(worlds.results(_worker2, 2, timeout_s=600), CHECKS_2)
 
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_pipeline_four_ranks():
-    assert_all_ok(launch(_worker4, 4, timeout_s=600))
+@pytest.mark.parametrize("check", CHECKS_4)
+def test_pipeline_four_ranks(worlds, check):
+    worlds.assert_check(worlds.results(_worker4, 4, timeout_s=600), check)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_pipeline_four_ranks_checks_are_listed(worlds):
+    worlds.assert_listed(worlds.results(_worker4, 4, timeout_s=600), CHECKS_4)

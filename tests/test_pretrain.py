@@ -70,20 +70,22 @@ def test_architecture_flags_take_effect():
 
 
 def test_optimizer_flags_take_effect():
-    from pmodel import optim
-    from pmodel.optim import find_states
-    from pmodel.precision import LossScaleState
+    import pmodel
+    from pmodel.model import build
     a = _args("--model", "debug", "--fp16", "--initial-loss-scale", "512", "--loss-scale-window", "7", "--clip-grad", "0",
               "--lr-warmup-iters", "1", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--train-iters", "4")
-    model, params = PT.build_model(a, None)
-    tx, st, pol = PT.build_optimizer(a, model, params)
-    assert float(find_states(st, LossScaleState)[0].scale) == 512.0 and pol.loss_scale.growth_interval == 7
-    assert not optim.find_states(st, optim.ClipState)           # --clip-grad 0: no clipping
-    assert st.main["embed"]["weight"].dtype == torch.float32   # fp32 main weights
-    a = _args("--model", "debug", "--clip-grad", "0.5")
-    model, params = PT.build_model(a, None)
-    _, st, _ = PT.build_optimizer(a, model, params)
-    assert optim.find_states(st, optim.ClipState)
+    pol = PT.cli.policy_of(a)
+    tx, clip = PT.cli.optimizer_of(a)
+    assert pol.loss_scale.initial == 512.0 and pol.loss_scale.growth_interval == 7
+    assert clip is None                                          # --clip-grad 0: no clipping
+    cfg, fam = PT.build_config(a, None)
+    model = build(cfg, family=fam)
+    step = pmodel.train.train_step(model, tx, policy=pol, max_grad_norm=clip)
+    st = step.init(pmodel.init(model))
+    assert float(st.loss_scale.scale) == 512.0
+    assert st.inner.main["embed"]["weight"].dtype == torch.float32   # fp32 main weights for fp16 params
+    assert step.plan.max_grad_norm is None
+    assert PT.cli.optimizer_of(_args("--model", "debug", "--clip-grad", "0.5"))[1] == 0.5
 
 
 def test_end_to_end_with_indexed_data_and_tokenizer(tmp_path):
@@ -110,7 +112,6 @@ def _takes_docs():
 
 def test_hf_config_and_refused_resume_with_other_config(tmp_path):
     import json
-    from pmodel.checkpoint.state import CheckpointError
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({
         "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
@@ -120,7 +121,7 @@ def test_hf_config_and_refused_resume_with_other_config(tmp_path):
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_kv_heads, cfg.norm_eps, fam) == (128, 32, 2, 1e-6, "llama")
     common = ["--hf-config", str(tmp_path / "hf"), *BASE, "--save", str(tmp_path / "ck")]
     assert PT.main(common) == 0
-    with pytest.raises(CheckpointError, match="num_layers: checkpoint=2 current=1"):
+    with pytest.raises(SystemExit, match="num_layers: checkpoint=2 current=1"):
         PT.main([*common, "--load", str(tmp_path / "ck"), "--num-layers", "1", "--train-iters", "4"])
 
 

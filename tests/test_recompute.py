@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pmodel
 from pmodel import tree
-from pmodel.recompute import Recompute, recompute
+from pmodel.remat import Recompute, recompute
 
 
 class PeakTensorMemory(TorchDispatchMode):

@@ -34,7 +34,10 @@ def test_logits_match_golden(shared_data):
 
 
 def test_incremental_decode_equals_full_forward(shared_data):
-    model, params = pmodel.load_hf(shared_data / "models" / "stories260K")
+    # float64: the cached path (explicit mask) and the full forward (plain causal) run different
+    # attention kernels whose fp32 results differ by ~1e-5 on these logits (summation order); in
+    # float64 any cache bug still shows, and rounding does not.
+    model, params = pmodel.load_hf(shared_data / "models" / "stories260K", dtype=torch.float64)
     golden = json.loads((shared_data / "golden" / "stories260K_greedy_golden.json").read_text())
     ids = torch.tensor(golden["token_ids"][:40])[None]
     with torch.no_grad():
@@ -42,7 +45,7 @@ def test_incremental_decode_equals_full_forward(shared_data):
         cache = pmodel.KVCache.allocate(model.config, 1, 40)
         first = model.apply(params, ids[:, :25], cache=cache)
         steps = [model.apply(params, ids[:, t:t + 1], cache=cache) for t in range(25, 40)]
-    torch.testing.assert_close(torch.cat([first, *steps], 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([first, *steps], 1), full, rtol=1e-10, atol=1e-10)
 
 
 def test_load_checks_vocab_against_the_shipped_tokenizer(shared_data, tmp_path):

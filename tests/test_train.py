@@ -10,7 +10,7 @@ import torch
 
 import pmodel
 from pmodel import optim, tree
-from pmodel.precision import LossScale, Policy, cast_params, mixed_precision
+from pmodel.precision import LossScale, Policy, cast_params
 from pmodel.train import LoopConfig, TrainState, evaluate, flops_per_token, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +36,8 @@ def test_train_step_matches_plain_torch_adamw():
     model = _model()
     params = pmodel.init(model, seed=0)
     ref = _clone(params)
-    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.0))
-    state = tx.init(params)
-    step = train_step(model, tx)
+    step = train_step(model, optim.adamw(1e-3, weight_decay=0.0), max_grad_norm=1.0)
+    state = step.init(params)
     opt = torch.optim.AdamW(tree.leaves(ref), lr=1e-3, weight_decay=0.0)
     for i in range(3):
         b = _batch(model.config, seed=i)
@@ -59,11 +58,11 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     p1 = pmodel.init(model, seed=1)
     p2 = _clone(p1)
     tx = optim.sgd(0.5)
-    s1, s2 = tx.init(p1), tx.init(p2)
     big = _batch(model.config, B=4, seed=3)
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
-    _, _, m1 = train_step(model, tx)(p1, s1, big)
-    _, _, m2 = train_step(model, tx, policy=Policy(grad_accum_fp32=True))(p2, s2, halves)
+    st1, st2 = train_step(model, tx), train_step(model, tx, policy=Policy(grad_accum_fp32=True))
+    _, _, m1 = st1(p1, st1.init(p1), big)
+    _, _, m2 = st2(p2, st2.init(p2), halves)
     assert m1["num_tokens"] == m2["num_tokens"] == 4 * 16 - 3
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6)
     for (k, a), (_, b) in zip(tree.paths(p1), tree.paths(p2)):
@@ -76,32 +75,39 @@ def test_bf16_training_tracks_fp32():
     p32 = pmodel.init(m32, seed=0)
     p16 = cast_params(_clone(p32), torch.bfloat16)
     pol = Policy(param_dtype="bf16", grad_accum_fp32=True)
-    tx16 = mixed_precision(optim.adamw(3e-3), pol)
-    tx32 = optim.adamw(3e-3)
-    s16, s32 = tx16.init(p16), tx32.init(p32)
-    st16, st32 = train_step(m16, tx16, policy=pol), train_step(m32, tx32)
+    st16, st32 = train_step(m16, optim.adamw(3e-3), policy=pol), train_step(m32, optim.adamw(3e-3))
+    s16, s32 = st16.init(p16), st32.init(p32)
     b = _batch(m32.config, B=4, T=32)
     for _ in range(5):
         p16, s16, a = st16(p16, s16, b)
         p32, s32, c = st32(p32, s32, b)
         assert a["loss"] == pytest.approx(c["loss"], abs=0.05)   # bf16 activations: ~3 significant digits
     assert p16["layers"][0]["attn"]["q_proj"]["weight"].dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="precision policy"):
-        train_step(m32, tx16, policy=pol)
+    # fp32 main weights: the optimizer state holds an fp32 copy the bf16 params are rounded from
+    main = s16.inner.main["layers"][0]["attn"]["q_proj"]["weight"]
+    assert main.dtype == torch.float32
+    assert torch.equal(main.to(torch.bfloat16), p16["layers"][0]["attn"]["q_proj"]["weight"].detach())
+    with pytest.raises(ValueError, match="param_dtype"):
+        train_step(m32, optim.adamw(3e-3), policy=pol)
 
 
 def test_loop_logs_metrics_evaluates_saves_and_plots(tmp_path):
     model = _model()
     params = pmodel.init(model, seed=0)
     tx = optim.adamw(optim.megatron(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_steps=6, style="cosine"))
-    state = tx.init(params)
+    step = train_step(model, tx)
+    state = step.init(params)
     data = lambda start: (_batch(model.config, seed=start + i) for i in range(10**6))
     ev = lambda: [_batch(model.config, seed=-1 - i) for i in range(2)]
     lines = []
     loop = LoopConfig(train_iters=6, log_interval=2, eval_interval=3, eval_iters=2, save_interval=3,
-                      save_dir=str(tmp_path / "ck"), metrics_path=str(tmp_path / "m.jsonl"), progress=False,
-                      peak_flops=1e12)
-    params, state, pos, hist = train(model, params, tx, state, data, loop=loop, eval_data=ev, log=lines.append)
+                      metrics_path=str(tmp_path / "m.jsonl"), progress=False, peak_flops=1e12)
+
+    def save(st, p, o):
+        return step.plan.save_checkpoint(tmp_path / "ck", st.step, p, o, config=model.config.to_dict(),
+                                         data={"consumed_samples": st.consumed_samples})
+    params, state, pos, hist = train(step, params, state, data, loop=loop, evaluate=step.plan.evaluate, eval_data=ev,
+                                     save=save, config=model.config, log=lines.append)
     assert pos == TrainState(step=6, consumed_samples=12)
     recs = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     logs = [r for r in recs if "loss" in r]
@@ -124,11 +130,11 @@ def test_fp16_overflow_skip_shows_in_log():
     model = _model(dtype=torch.float16)
     params = cast_params(pmodel.init(model, seed=0), torch.float16)
     pol = Policy(param_dtype="fp16", loss_scale=LossScale(initial=2.0 ** 40, hysteresis=1))
-    tx = mixed_precision(optim.adamw(1e-3), pol)
-    state = tx.init(params)
+    step = train_step(model, optim.adamw(1e-3), policy=pol)
+    state = step.init(params)
     lines = []
     data = lambda start: (_batch(model.config, seed=i) for i in range(10**6))
-    params, state, pos, hist = train(model, params, tx, state, data, policy=pol, log=lines.append,
+    params, state, pos, hist = train(step, params, state, data, log=lines.append,
                                      loop=LoopConfig(train_iters=3, log_interval=1, progress=False))
     # 2**40 overflows fp16 gradients: the first steps are skipped and the scale halves each time
     assert any("step skipped" in x for x in lines)

@@ -99,35 +99,42 @@ class PreprocessConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Messages name the fields as ``PreprocessConfig.<field>``; scripts/preprocess_data.py
+        # turns those into its flags.
         if not self.inputs:
-            raise PreprocessError("no --input given")
+            raise PreprocessError("PreprocessConfig.inputs is empty")
         if self.handler not in HANDLERS:
-            raise PreprocessError(f"unknown --handler-name {self.handler!r}; expected one of {HANDLERS}")
-        if self.workers < 1 or self.chunk_size < 1:
-            raise PreprocessError("--workers and chunk size must be >= 1")
+            raise PreprocessError(f"PreprocessConfig.handler: unknown handler {self.handler!r}; "
+                                  f"expected one of {HANDLERS}")
+        for name in ("workers", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise PreprocessError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_length is not None and self.seq_length < 1:
-            raise PreprocessError(f"--seq-length must be >= 1, got {self.seq_length}")
+            raise PreprocessError(f"PreprocessConfig.seq_length must be >= 1, got {self.seq_length}")
         if self.pack and (self.seq_length is None or self.handler == "GeneralPretrainHandler"):
-            raise PreprocessError("--pack needs --seq-length and an instruction --handler-name")
+            raise PreprocessError("PreprocessConfig.pack needs PreprocessConfig.seq_length and an instruction "
+                                  "handler in PreprocessConfig.handler")
         if not self.json_keys:
-            raise PreprocessError("--json-keys is empty")
+            raise PreprocessError("PreprocessConfig.json_keys is empty")
         if self.handler != "GeneralPretrainHandler":
             get_template(self.prompt_type)  # validate early
             if self.append_eod:
                 # the chat template already ends every response with its own end token
-                raise PreprocessError(f"--append-eod applies to GeneralPretrainHandler; {self.handler} ends each "
-                                      "response with the --prompt-type template's end token instead")
+                raise PreprocessError(f"PreprocessConfig.append_eod applies to GeneralPretrainHandler; "
+                                      f"{self.handler} ends each response with the PreprocessConfig.prompt_type "
+                                      "template's end token instead")
         else:
             # Pretraining documents are concatenated and cut into seq-length samples at training
-            # time (pretrain.py --seq-length, as Megatron's GPTDataset), so a long document is
+            # time (PretrainConfig.seq_length, as Megatron's GPTDataset), so a long document is
             # normal data, not an error; ModelLink's GeneralPretrainHandler ignores the flag too.
-            given = [f for f, v in (("--seq-length", self.seq_length), ("--prompt-type", self.prompt_type),
-                                    ("--map-keys", self.map_keys or None)) if v is not None]
+            given = [f"PreprocessConfig.{f}" for f, v in (("seq_length", self.seq_length),
+                                                          ("prompt_type", self.prompt_type),
+                                                          ("map_keys", self.map_keys or None)) if v is not None]
             if given:
                 raise PreprocessError(
                     f"{', '.join(given)} apply to the instruction handlers only; GeneralPretrainHandler "
-                    "tokenises whole documents (samples are cut to the sequence length at training time "
-                    "by pretrain.py --seq-length)")
+                    "tokenises whole documents (samples are cut to the sequence length when the pretraining "
+                    "dataset is built)")
 
     @property
     def instruction(self) -> bool:
@@ -206,14 +213,14 @@ def iter_input_files(inputs) -> list[Path]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES)
             if not files:
-                raise PreprocessError(f"--input {p}: no {'/'.join(_SUFFIXES)} files in the directory")
+                raise PreprocessError(f"input {p}: no {'/'.join(_SUFFIXES)} files in the directory")
             out += files
         elif p.is_file():
             if p.suffix not in _SUFFIXES:
-                raise PreprocessError(f"--input {p}: unsupported file type {p.suffix!r}; expected one of {_SUFFIXES}")
+                raise PreprocessError(f"input {p}: unsupported file type {p.suffix!r}; expected one of {_SUFFIXES}")
             out.append(p)
         else:
-            raise PreprocessError(f"--input {p} does not exist")
+            raise PreprocessError(f"input {p} does not exist")
     return out
 
 
@@ -259,7 +266,7 @@ def _iter_items(path: Path, report: PreprocessReport) -> Iterator[tuple]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise PreprocessError(f"--input {path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            raise PreprocessError(f"input {path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path)
         for k, rec in enumerate(table.to_pylist(), 1):
             yield (f, k, "obj", rec)
@@ -277,7 +284,7 @@ class _Encoder:
         self.template = get_template(cfg.prompt_type) if cfg.instruction else None
         self.style = "sharegpt" if cfg.handler.startswith("Sharegpt") else "alpaca"
         if cfg.append_eod and self.tok.eos_id is None:
-            raise PreprocessError(f"--append-eod: tokenizer {self.tok.path} has no EOS token")
+            raise PreprocessError(f"PreprocessConfig.append_eod: tokenizer {self.tok.path} has no EOS token")
 
     def record(self, kind: str, payload) -> Any:
         if kind == "error":
@@ -288,7 +295,8 @@ class _Encoder:
             except UnicodeDecodeError as e:
                 raise RecordError("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
             if len(self.cfg.json_keys) != 1:
-                raise PreprocessError(".txt input gives one text per line: use a single --json-keys")
+                raise PreprocessError(".txt input gives one text per line: PreprocessConfig.json_keys must "
+                                      "hold one key")
             return {self.cfg.json_keys[0]: text}
         if kind == "jsonl":
             try:
@@ -313,7 +321,7 @@ class _Encoder:
             keep = [e for e in r.turn_ends if e - 1 <= self.cfg.seq_length]
             if not keep:
                 raise RecordError("too_long", f"{len(r.ids) - 1} training positions (first exchange "
-                                              f"alone) > --seq-length {self.cfg.seq_length}")
+                                              f"alone) > seq_length {self.cfg.seq_length}")
             n = keep[-1]
             r = type(r)(ids=r.ids[:n], labels=r.labels[:n], turn_ends=keep)
             truncated = True

@@ -53,7 +53,7 @@ def split_ranges(split: str | Sequence[float], num_documents: int) -> list[tuple
         try:
             weights = [float(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--split {split!r}: expected numbers like '98,1,1'") from None
+            raise ValueError(f"split {split!r}: expected numbers like '98,1,1'") from None
     else:
         weights = [float(w) for w in split]
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -81,23 +81,23 @@ def parse_data_path(data_path: Sequence[str] | str) -> list[tuple[float, str]]:
     """
     items = data_path.split() if isinstance(data_path, str) else list(data_path)
     if not items:
-        raise ValueError("--data-path is empty")
+        raise ValueError("data_path is empty")
     if len(items) == 1:
         return [(1.0, items[0])]
     if len(items) % 2:
-        raise ValueError(f"--data-path {items}: expected 'weight prefix' pairs or a single prefix")
+        raise ValueError(f"data_path {items}: expected 'weight prefix' pairs or a single prefix")
     out = []
     for w, p in zip(items[0::2], items[1::2]):
         try:
             wf = float(w)
         except ValueError:
-            raise ValueError(f"--data-path: {w!r} is not a weight (expected 'weight prefix' pairs)") from None
+            raise ValueError(f"data_path: {w!r} is not a weight (expected 'weight prefix' pairs)") from None
         if wf < 0:
-            raise ValueError(f"--data-path: negative weight {wf} for {p}")
+            raise ValueError(f"data_path: negative weight {wf} for {p}")
         out.append((wf, p))
     total = sum(w for w, _ in out)
     if total <= 0:
-        raise ValueError("--data-path: weights sum to 0")
+        raise ValueError("data_path: weights sum to 0")
     return [(w / total, p) for w, p in out]
 
 
@@ -358,6 +358,6 @@ def build_pretrain_datasets(data_path: Sequence[str] | str, *, split: str = "969
             out.append(comps[0][1])
         else:
             if num_samples is None:
-                raise ValueError("blended --data-path needs num_samples per split to size the blend")
+                raise ValueError("a blended data_path needs num_samples (per split) to size the blend")
             out.append(BlendedDataset([d for _, d in comps], [w for w, _ in comps], int(num_samples[k])))
     return tuple(out)

@@ -3,12 +3,15 @@
 Each public op picks an implementation from the tensor's device type (or ``kernels.backend``)
 and the :class:`Kernels` policy passed in: the NPU backend lowers to torch_npu fused kernels,
 the CUDA backend to fused torch kernels, everything else to :mod:`pmodel.ops.reference`.
-A backend implements only what it can fuse; the rest falls back to the reference.
+A backend implements only what it can fuse; the rest falls back to the reference. Each
+``Kernels`` field switches one fusion off (unfused implementation) or on (the backend's kernel,
+where it has one); :func:`implementation` tells which function an op would run, and
+:func:`kernels_for` builds a policy from run flags, refusing fusions the backend lacks.
 
 ``linear``, ``embedding`` and ``linear_cross_entropy`` also dispatch on the *weight type*: a
 wrapper leaf (LoRA, column/row/vocab parallel) implements the op itself, which lets parallel
 wrappers own their communication and LoRA fold its low-rank term in without materialising
-``W + BA``.
+``W + BA``. What a wrapper implements is written down in :mod:`pmodel.ops.weights`.
 """
 from __future__ import annotations
 
@@ -17,14 +20,17 @@ import torch.nn.functional as F
 
 from . import reference
 from .fused_ce import linear_cross_entropy as _chunked_linear_ce
-from .kernels import DEFAULT, Kernels
+from .kernels import DEFAULT, KernelUnavailable, Kernels, backend_for_device, kernels_for
+from .mc2 import all_gather_linear, linear_reduce_scatter
 from .reference import IGNORE_INDEX, alibi_bias, alibi_slopes, attention_mask, rope_cos_sin, rope_inv_freq
+from .weights import Weight, WeightWrapper, is_wrapper
 
 __all__ = [
     "Kernels", "IGNORE_INDEX", "linear", "embedding", "rms_norm", "layer_norm", "rotary",
     "attention", "attention_mask", "swiglu", "geglu", "gelu", "cross_entropy",
     "linear_cross_entropy", "rope_inv_freq", "rope_cos_sin", "alibi_slopes", "alibi_bias",
-    "backend_name",
+    "backend_name", "Weight", "WeightWrapper", "is_wrapper",
+    "implementation", "kernels_for", "KernelUnavailable", "all_gather_linear", "linear_reduce_scatter",
 ]
 
 
@@ -33,32 +39,68 @@ def backend_name(x: torch.Tensor, kernels: Kernels | None) -> str:
     k = kernels or DEFAULT
     if k.backend is not None:
         return k.backend
-    return {"cuda": "cuda", "npu": "npu"}.get(x.device.type, "reference")
+    return backend_for_device(x.device)
 
 
-def _impl(name: str, x: torch.Tensor, kernels: Kernels | None):
-    b = backend_name(x, kernels)
-    if b == "cuda":
+# op -> (the Kernels field that allows its fused kernel, the unfused implementation)
+_POLICY = {
+    "rms_norm": ("fused_norm", reference.rms_norm),
+    "swiglu": ("fused_swiglu", reference.swiglu),
+    "rotary": ("fused_rotary", reference.rotary),
+    "attention": ("fused_attention", reference.attention_math),
+}
+
+
+def _fused(backend: str, name: str):
+    """The backend's fused kernel for op ``name``, or None."""
+    if backend == "cuda":
         from . import cuda as mod
-    elif b == "npu":
+    elif backend == "npu":
         from . import npu as mod
-    else:
+    else:  # the reference backend's only fused op is SDPA
+        return reference.attention if name == "attention" else None
+    return getattr(mod, name, None)
+
+
+def implementation(name: str, x: torch.Tensor, kernels: Kernels | None = None):
+    """The function op ``name`` runs for ``x`` under ``kernels`` (chosen, not run).
+
+    With the op's ``Kernels`` field on and a fused kernel on the backend, that kernel; otherwise
+    the unfused implementation (:mod:`pmodel.ops.reference`; for attention
+    :func:`~pmodel.ops.reference.attention_math`). Ops without a policy field (layer_norm,
+    geglu, gelu) always use the reference.
+    """
+    if name not in _POLICY:
         return getattr(reference, name)
-    return getattr(mod, name, None) or getattr(reference, name)
+    field, unfused = _POLICY[name]
+    k = kernels or DEFAULT
+    fn = _fused(backend_name(x, k), name) if getattr(k, field) else None
+    return fn or unfused
+
+
+_impl = implementation
 
 
 # ----------------------------------------------------------------------------- weight-typed ops
-def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, kernels: Kernels | None = None) -> torch.Tensor:
-    """``x @ w.T + bias``; ``w`` may be a plain ``[out, in]`` tensor or a wrapper leaf."""
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, kernels: Kernels | None = None,
+           in_shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """``x @ w.T + bias``; ``w`` may be a plain ``[out, in]`` tensor or a wrapper leaf.
+
+    ``in_shard=(start, full_width)``: ``x`` holds input columns ``[start, start + x.shape[-1])``
+    of a full input of width ``full_width`` (row parallel); a plain tensor ignores it, a wrapper
+    receives it (see :mod:`pmodel.ops.weights`).
+    """
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    return w.linear(x, bias, kernels=kernels)
+    return w.linear(x, bias, kernels=kernels, in_shard=in_shard)
 
 
 def embedding(tokens: torch.Tensor, w, *, kernels: Kernels | None = None) -> torch.Tensor:
     """Row lookup ``w[tokens]``; ``w`` may be a wrapper (vocab parallel)."""
     if isinstance(w, torch.Tensor):
         return F.embedding(tokens, w)
+    if not hasattr(w, "embedding"):
+        raise TypeError(f"ops.embedding: the weight wrapper {type(w).__name__} does not implement embedding")
     return w.embedding(tokens, kernels=kernels)
 
 
@@ -98,7 +140,7 @@ def attention(q, k, v, *, mask=None, causal=False, bias=None, scale=None, cu_seq
     """See :func:`pmodel.ops.reference.attention`. ``cu_seqlens`` / ``window`` are hints a
     fused backend may use instead of the dense ``mask`` (the reference uses ``mask``)."""
     fn = _impl("attention", q, kernels)
-    if fn is reference.attention:
+    if fn is reference.attention or fn is reference.attention_math:
         return fn(q, k, v, mask=mask, causal=causal, bias=bias, scale=scale)
     return fn(q, k, v, mask=mask, causal=causal, bias=bias, scale=scale, cu_seqlens=cu_seqlens, window=window)
 

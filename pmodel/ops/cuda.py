@@ -1,12 +1,16 @@
 """CUDA lowering: fused torch kernels where they exist; everything else is the reference.
 
-SDPA on CUDA already selects flash / memory-efficient / cuDNN attention, so attention uses the
-reference entry point unchanged.
+Fused here: ``rms_norm`` (``F.rms_norm``, one kernel; ``Kernels.fused_norm``) and ``attention``
+(SDPA, which selects flash / memory-efficient / cuDNN; ``Kernels.fused_attention``). SwiGLU and
+rotary have no fused CUDA kernel in pmodel: they always use the reference torch ops, and
+``pmodel.ops.kernels_for`` refuses to ask for them on this backend.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import reference
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -18,18 +22,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return weight * y
 
 
-# Device bookkeeping for the training loop (kept here: torch.cuda is used only in this module).
-def synchronize(device) -> None:
-    torch.cuda.synchronize(device)
 
-
-def peak_memory_bytes(device) -> int:
-    return int(torch.cuda.max_memory_allocated(device))
-
-
-def rng_state(device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device)
-
-
-def set_rng_state(state: torch.Tensor, device) -> None:
-    torch.cuda.set_rng_state(state, device)
+def attention(q, k, v, *, mask=None, causal=False, bias=None, scale=None, cu_seqlens=None, window=None):
+    """SDPA (flash / memory-efficient / cuDNN, chosen by torch); the packing and window hints
+    are already expressed by ``mask``."""
+    return reference.attention(q, k, v, mask=mask, causal=causal, bias=bias, scale=scale)

@@ -13,14 +13,23 @@ Semantics followed (torch_npu 2.x documentation):
   * ``npu_fusion_attention(q, k, v, head_num, input_layout, ..., atten_mask, scale, ...,
     sparse_mode)``: ``atten_mask`` True = masked out; the scale must be passed explicitly
     (1/sqrt(d)); GQA when k/v carry fewer heads; returns a tuple whose first item is the output.
+  * MC2 (``Kernels.mc2``): ``npu_all_gather_base_mm(self, x2, hcom, world_size, *, bias=None,
+    x1_scale=None, x2_scale=None, gather_index=0, gather_output=True, comm_turn=0,
+    output_dtype=None, comm_mode=None) -> (allgather(self) @ x2, allgather(self))`` and
+    ``npu_mm_reduce_scatter_base(self, x2, hcom, world_size, *, reduce_op='sum', bias=None,
+    x1_scale=None, x2_scale=None, comm_turn=0, output_dtype=None, comm_mode=None) ->
+    reducescatter(self @ x2)``: 2-D ``(m, k) @ (k, n)``, gather / scatter along dim 0, ``x2`` may
+    be a transposed view but ``self`` may not; fp16/bf16 only, ``k`` in [256, 65535),
+    ``world_size`` in {2, 4, 8} (A2) or up to 32 (A3), ``m`` divisible by ``world_size`` for the
+    reduce-scatter. ``hcom`` is the HCCL communicator name of the process group (see
+    :func:`hccl_comm_name`). Only the arguments up to ``comm_turn`` are passed, so older torch_npu
+    versions with the shorter schema work too.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from . import reference
 
 
 def _npu():
@@ -76,5 +85,41 @@ def attention(q, k, v, *, mask=None, causal=False, bias=None, scale=None, cu_seq
     return out[0]
 
 
-# Ops without an NPU fusion use the reference implementation (pmodel.ops falls back to it).
-layer_norm = reference.layer_norm
+# ----------------------------------------------------------------------------- MC2 (TP linear + comm)
+def hccl_comm_name(group, device: torch.device) -> str:
+    """The HCCL communicator name of ``group`` that the MC2 kernels take as ``hcom``.
+
+    The documented torch_npu call (as in MindSpeed's MC2 linears):
+    ``group._get_backend(device).get_hccl_comm_name(global_rank)``, with ``device`` the NPU
+    device of the tensors. Any process-group backend that implements ``get_hccl_comm_name``
+    satisfies it (the CPU tests register a gloo-based stand-in backend that does).
+    """
+    import torch.distributed as dist
+
+    backend = group._get_backend(device)
+    fn = getattr(backend, "get_hccl_comm_name", None)
+    if fn is None:
+        raise ValueError(f"Kernels(mc2=True) needs an HCCL process group for {device.type} tensors; "
+                         f"this group's backend is {type(backend).__name__}")
+    return fn(dist.get_rank())
+
+
+def all_gather_mm(x: torch.Tensor, w: torch.Tensor, group, world_size: int):
+    """``(allgather(x) @ w.T, allgather(x))`` for 2-D ``x (m, k)``, ``w (n, k)``: one MC2 kernel."""
+    out, gathered = _npu().npu_all_gather_base_mm(x, w.t(), hccl_comm_name(group, x.device), world_size,
+                                                  gather_index=0, gather_output=True, comm_turn=0)
+    return out, gathered
+
+
+def mm_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """``reducescatter(x @ w.T)`` along dim 0 for 2-D ``x (m, k)``, ``w (n, k)``: one MC2 kernel."""
+    return _npu().npu_mm_reduce_scatter_base(x, w.t(), hccl_comm_name(group, x.device), world_size,
+                                             reduce_op="sum", comm_turn=0)
+
+
+def gather_mm(g: torch.Tensor, w: torch.Tensor, group, world_size: int):
+    """``(allgather(g) @ w, allgather(g))`` for 2-D ``g (m, n)``, ``w (n, k)`` (the row-parallel
+    backward: ``w`` is used untransposed, as MindSpeed does)."""
+    out, gathered = _npu().npu_all_gather_base_mm(g, w, hccl_comm_name(group, g.device), world_size,
+                                                  gather_index=0, gather_output=True, comm_turn=0)
+    return out, gathered

@@ -178,20 +178,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
 
 
 def attention_math(q, k, v, *, mask=None, causal=False, bias=None, scale=None):
-    """The same contract as :func:`attention`, by the textbook formula (an oracle for tests)."""
+    """The same contract as :func:`attention`, by the textbook formula.
+
+    The unfused path (``Kernels(fused_attention=False)``, Megatron's attention without
+    ``--use-flash-attn``): materialises the ``(B, H, T, S)`` scores and takes the softmax in fp32
+    (fp64 stays fp64); also the test oracle.
+    """
     hq, hkv = q.shape[2], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads not divisible by {hkv} kv heads")
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     kh = kh.repeat_interleave(hq // hkv, dim=1)
     vh = vh.repeat_interleave(hq // hkv, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (qh @ kh.transpose(-1, -2)).to(acc) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     if bias is not None:
-        s = s + bias
+        s = s + bias.to(acc)
     if mask is None and causal:
         T, S = q.shape[1], k.shape[1]
+        if T != S:
+            raise ValueError("attention: causal without a mask needs T == S")
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    return (s.softmax(-1) @ vh).transpose(1, 2)
+    return (s.softmax(-1).to(v.dtype) @ vh).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- MLP activations

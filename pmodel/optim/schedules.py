@@ -59,7 +59,7 @@ def megatron(*, lr: float, min_lr: float = 0.0, warmup_steps: int = 0, decay_ste
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if style in ("linear", "cosine"):
         if decay_steps is None:
-            raise ValueError(f"lr decay style {style!r} needs decay_steps (--lr-decay-iters or --train-iters)")
+            raise ValueError(f"lr decay style {style!r} needs decay_steps (e.g. the number of training steps)")
         if decay_steps <= warmup_steps:
             raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")
 

@@ -99,13 +99,18 @@ class DataParallel:
         ``"reduce_scatter"`` (each rank gets only its shard's sum: the distributed optimizer's input;
         the rest of the buffer is then meaningless).
       pad: shard count the buckets are padded for (dp size for ``reduce_scatter``).
+      grad_dtype: dtype of the buckets; None = the parameters' dtype. ``torch.float32`` with
+        bf16/fp16 parameters accumulates the micro-batches' gradients in fp32 (Megatron's
+        ``--accumulate-allreduce-grads-in-fp32``): a hook adds each fresh low-precision ``.grad``
+        into the fp32 bucket and clears it, so ``.grad`` stays None and :meth:`grads` is the
+        way to read the gradients.
 
     The object holds per-step mutable bookkeeping (hook counters, pending handles); it is created
     explicitly by the caller, never module-level.
     """
 
     def __init__(self, params, mesh: Mesh, *, bucket_numel: int = 40_000_000, overlap: bool = False,
-                 reduce: str = "all_reduce", pad: int | None = None):
+                 reduce: str = "all_reduce", pad: int | None = None, grad_dtype: torch.dtype | None = None):
         if reduce not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"DataParallel.reduce must be 'all_reduce' or 'reduce_scatter', got {reduce!r}")
         self.mesh = mesh
@@ -121,7 +126,10 @@ class DataParallel:
         dtypes = {self.leaves[i].dtype for m in self.layout.members for i in m}
         if len(dtypes) > 1:
             raise ValueError(f"DataParallel: trainable leaves have mixed dtypes {dtypes}; one gradient dtype expected")
-        dtype = dtypes.pop() if dtypes else torch.float32
+        pdtype = dtypes.pop() if dtypes else torch.float32
+        dtype = grad_dtype or pdtype
+        # Separate buffers (and an accumulate hook) only when the gradient dtype differs.
+        self.separate = dtype != pdtype
         device = self.leaves[self.layout.members[0][0]].device if self.layout.members else None
         self.buffers = [torch.zeros(n, dtype=dtype, device=device) for n in self.layout.sizes]
         self._ready = [0] * len(self.buffers)
@@ -129,15 +137,33 @@ class DataParallel:
         self._sync = True
         self.reductions = 0  # collectives launched so far (tests check "once per step")
         self._hooks = []
+        self._views = [None] * len(self.leaves)
         for i, t in enumerate(self.leaves):
             if self.layout.index[i] is None:
                 continue
             b, off, n = self.layout.index[i]
-            t.grad = self.buffers[b][off:off + n].view_as(t)
+            view = self._views[i] = self.buffers[b][off:off + n].view_as(t)
+            if self.separate:
+                t.grad = None
+                self._hooks.append(t.register_post_accumulate_grad_hook(self._make_accumulate(view)))
+            else:
+                t.grad = view
             if self.overlap:
                 self._hooks.append(t.register_post_accumulate_grad_hook(self._make_hook(b)))
 
+    def grads(self, params):
+        """The gradients as a tree shaped like ``params`` (bucket views; None for frozen leaves)."""
+        return tree.unflatten(list(self._views), tree.structure(params))
+
     # ------------------------------------------------------------------ hooks and reduction
+    @staticmethod
+    def _make_accumulate(view: torch.Tensor):
+        def hook(param):
+            with torch.no_grad():
+                view.add_(param.grad)
+            param.grad = None
+        return hook
+
     def _make_hook(self, b: int):
         def hook(_param):
             self._ready[b] += 1
@@ -188,7 +214,8 @@ class DataParallel:
         """Zero the buckets (the ``.grad`` views stay attached)."""
         for i, t in enumerate(self.leaves):
             b = self.layout.index[i]
-            if b is not None and (t.grad is None or t.grad.data_ptr() != self.buffers[b[0]][b[1]:].data_ptr()):
+            if b is not None and not self.separate and (
+                    t.grad is None or t.grad.data_ptr() != self.buffers[b[0]][b[1]:].data_ptr()):
                 raise RuntimeError("DataParallel: a parameter's .grad was replaced (set to None?); use "
                                    "DataParallel.zero_grad instead of clearing .grad yourself")
         for buf in self.buffers:

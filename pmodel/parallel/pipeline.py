@@ -25,15 +25,13 @@ over micro-batches is exactly the single-process mean and the gradients need no 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .. import ops, tree
-from ..model import Model, make_context
+from ..model import Model, counted_mask
 from ..params import init as _init_params
 from .mesh import Mesh
 
@@ -77,7 +75,7 @@ def split_layers(num_layers: int, pp: int, layers_per_stage=None, virtual_stages
     if layers_per_stage is None:
         if num_layers % (pp * V):
             raise ValueError(f"pipeline: {num_layers} layers do not split evenly over pp={pp} x "
-                             f"virtual_stages={V}; give layers_per_stage (--num-layer-list)")
+                             f"virtual_stages={V}; give layers_per_stage")
         per_rank = [num_layers // pp] * pp
     else:
         per_rank = [int(n) for n in layers_per_stage]
@@ -231,6 +229,13 @@ class _WeightGrad:
         self.splits = []
 
 
+def _device_of(params) -> torch.device:
+    for x in tree.leaves(params):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
 # ============================================================================ the pipeline
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class Pipeline:
@@ -311,8 +316,7 @@ class Pipeline:
         Returns:
           the stage params tree.
         """
-        return _init_params(self.stage_defs(), seed, dtype=dtype or self.model.config.dtype, device=device,
-                            shard=self.model.shard)
+        return _init_params(self.model.replace(defs=self.stage_defs()), seed, dtype=dtype, device=device)
 
     def stage_params(self, full_params: dict) -> dict:
         """Select this rank's part of a full (single-process layout) params tree (no copies)."""
@@ -323,7 +327,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ communication
     def _tag(self, kind: int, microbatch: int, chunk: int) -> int:
-        return (kind * self.microbatches + microbatch) * self.virtual_stages + chunk
+        # Independent of the step's micro-batch count, so any number of micro-batches can run.
+        return (microbatch * 4 + kind) * self.virtual_stages + chunk
 
     def _send_act(self, h: torch.Tensor, microbatch: int, chunk: int, sends: list) -> None:
         """Send a chunk's output to the next virtual stage (header with shape/dtype first)."""
@@ -331,18 +336,19 @@ class Pipeline:
         dst, dst_chunk = self._peer(v % self.pp), v // self.pp
         if h.dtype not in _DTYPES or h.dim() > 6:
             raise ValueError(f"pipeline: cannot send activation of dtype {h.dtype} / {h.dim()} dims")
-        header = torch.tensor([_DTYPES.index(h.dtype), h.dim(), *h.shape] + [0] * (6 - h.dim()), dtype=torch.int64)
+        header = torch.tensor([_DTYPES.index(h.dtype), h.dim(), *h.shape] + [0] * (6 - h.dim()), dtype=torch.int64,
+                              device=h.device)
         data = h.detach().contiguous()
         sends.append((dist.isend(header, dst, tag=self._tag(0, microbatch, dst_chunk)), header))
         sends.append((dist.isend(data, dst, tag=self._tag(1, microbatch, dst_chunk)), data))
 
-    def _recv_act(self, microbatch: int, chunk: int) -> torch.Tensor:
+    def _recv_act(self, microbatch: int, chunk: int, device) -> torch.Tensor:
         v = self.chunk_stage(chunk) - 1
         src = self._peer(v % self.pp)
-        header = torch.empty(8, dtype=torch.int64)
+        header = torch.empty(8, dtype=torch.int64, device=device)
         dist.recv(header, src, tag=self._tag(0, microbatch, chunk))
         dt, nd = _DTYPES[int(header[0])], int(header[1])
-        h = torch.empty([int(s) for s in header[2:2 + nd]], dtype=dt)
+        h = torch.empty([int(s) for s in header[2:2 + nd]], dtype=dt, device=device)
         dist.recv(h, src, tag=self._tag(1, microbatch, chunk))
         return h
 
@@ -359,7 +365,13 @@ class Pipeline:
         return g
 
     # ------------------------------------------------------------------ batches
-    def _microbatches(self, batch: dict) -> list[dict]:
+    def _microbatches(self, batch) -> list[dict]:
+        """A list of micro-batch dicts as given, or a dict cut into ``microbatches`` pieces."""
+        if not isinstance(batch, dict):
+            mbs = list(batch)
+            if not mbs or not all(isinstance(b, dict) for b in mbs):
+                raise TypeError("pipeline: a batch is a dict or a non-empty list of micro-batch dicts")
+            return mbs
         B, T = batch["tokens"].shape
         M = self.microbatches
         if B % M:
@@ -386,66 +398,77 @@ class Pipeline:
 
     @staticmethod
     def _labels_weights(mb: dict, denom):
-        labels = mb["labels"]
-        mask = labels != ops.IGNORE_INDEX
-        if mb.get("loss_mask") is not None:
-            mask = mask & (mb["loss_mask"] > 0)
-        return labels.masked_fill(~mask, ops.IGNORE_INDEX), mask.float() / denom, mask.sum()
+        mask = counted_mask(mb)
+        return mb["labels"].masked_fill(~mask, ops.IGNORE_INDEX), mask.float() / denom, mask.sum()
+
+    def _context(self, mb: dict):
+        # Through the model, so its kernel policy (Model.kernels) reaches every stage.
+        return self.model.context(mb["tokens"], position_ids=mb.get("position_ids"),
+                                  attention_mask=mb.get("attention_mask"), cu_seqlens=mb.get("cu_seqlens"))
 
     # ------------------------------------------------------------------ the step
-    def forward_backward(self, params: dict, batch: dict, *, num_tokens=None, record: list | None = None):
+    def forward_backward(self, params: dict, batch, *, num_tokens=None, loss_scale: float = 1.0, bind=None,
+                         record: list | None = None):
         """Run one step's forwards and backwards; gradients accumulate into ``.grad``.
 
-        Every pipeline rank passes the same ``batch`` (the first stage reads tokens, the last
-        labels; every stage builds positions / masks from it).
+        Every pipeline rank passes the same micro-batches (the first stage reads tokens, the last
+        labels; every stage builds positions / masks from them).
 
         Args:
           params: this stage's params (:meth:`init` / :meth:`stage_params`).
-          batch: ``tokens``, ``labels`` (shifted), optional ``loss_mask``, ``position_ids``,
-            ``attention_mask``, ``cu_seqlens``; batch dim divisible by ``microbatches``.
-          num_tokens: loss denominator; default the batch's counted tokens. Pass the global count
-            under data parallelism.
+          batch: a list of micro-batch dicts, or one dict whose batch dimension is cut into
+            ``microbatches`` pieces: ``tokens``, ``labels`` (shifted), optional ``loss_mask``,
+            ``position_ids``, ``attention_mask``, ``cu_seqlens``.
+          num_tokens: loss denominator; default the micro-batches' counted tokens. Pass the
+            global count under data parallelism.
+          loss_scale: multiplies every micro-batch's loss before backward (fp16 loss scaling).
+          bind: optional ``j -> params`` giving the params to run micro-batch ``j`` with (e.g. LoRA
+            dropout keys bound per micro-batch); default ``params``.
           record: if a list, the executed :class:`Op` s are appended to it.
 
         Returns:
           ``(loss, aux)`` on every pipeline rank (broadcast from the last stage):
-          ``aux = {"num_tokens", "loss_sum"}``; loss is the batch mean (detached).
+          ``aux = {"num_tokens", "loss_sum"}``; ``loss`` is the mean over ``num_tokens``
+          (detached, unscaled) and ``loss_sum`` the sum of the per-token losses.
         """
         mbs = self._microbatches(batch)
-        labels_all = batch["labels"]
-        mask_all = labels_all != ops.IGNORE_INDEX
-        if batch.get("loss_mask") is not None:
-            mask_all = mask_all & (batch["loss_mask"] > 0)
-        n_all = mask_all.sum()
+        M = len(mbs)
+        if self.schedule == "interleaved" and M % self.pp:
+            raise ValueError(f"pipeline: interleaved 1F1B needs the micro-batch count ({M}) to be a multiple of "
+                             f"the pipeline size ({self.pp})")
+        dev = _device_of(params)
+        n_all = sum(counted_mask(mb).sum() for mb in mbs)
         denom = num_tokens if num_tokens is not None else n_all.clamp(min=1)
         sends: list = []
-        saved: dict = {}  # (microbatch, chunk) -> (h_in or None, out, ctx-free)
+        saved: dict = {}  # (microbatch, chunk) -> (h_in or None, out)
         deferred: dict = {}
-        loss_sum = torch.zeros((), dtype=torch.float32)
-        per_tok_sum = torch.zeros((), dtype=torch.float32)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        per_tok_sum = torch.zeros((), dtype=torch.float32, device=dev)
         weights = [x for x in tree.leaves(params) if isinstance(x, torch.Tensor) and x.requires_grad]
         zb = self.schedule == "zero-bubble"
-        for op in schedule_ops(self.schedule, self.pp, self.rank, self.microbatches, self.virtual_stages):
+        for op in schedule_ops(self.schedule, self.pp, self.rank, M, self.virtual_stages):
             j, c = op.microbatch, op.chunk
             v = self.chunk_stage(c)
             first_v, last_v = v == 0, v == self.pp * self.virtual_stages - 1
             if op.kind == "F":
                 mb = mbs[j]
-                ctx = make_context(self.model.config, mb["tokens"], position_ids=mb.get("position_ids"),
-                                   attention_mask=mb.get("attention_mask"), cu_seqlens=mb.get("cu_seqlens"))
+                p = bind(j) if bind is not None else params
+                ctx = self._context(mb)
                 if first_v:
                     h_in = None
-                    h = self.model.embed(params, mb["tokens"], ctx)
+                    h = self.model.embed(p, mb["tokens"], ctx)
                 else:
-                    h_in = self._recv_act(j, c).requires_grad_(True)
+                    h_in = self._recv_act(j, c, dev).requires_grad_(True)
                     h = h_in
                 idx = self.chunk_layers(c)
-                h = self.model.run_layers([params["layers"][str(i)] for i in idx], h, ctx, idx.start)
+                h = self.model.run_layers([p["layers"][str(i)] for i in idx], h, ctx, idx.start)
                 if last_v:
                     labels, w, _ = self._labels_weights(mb, denom)
-                    out, per_tok = self.model.head_loss(params, h, labels, w, ctx)
+                    out, per_tok = self.model.head_loss(p, h, labels, w, ctx)
                     loss_sum = loss_sum + out.detach().float()
                     per_tok_sum = per_tok_sum + per_tok.detach().float().sum()
+                    if loss_scale != 1.0:
+                        out = out * loss_scale
                 else:
                     out = h
                     self._send_act(h, j, c, sends)
@@ -476,7 +499,39 @@ class Pipeline:
         for work, _ in sends:
             work.wait()
         self._sync_tied_embedding(params)
-        return self._broadcast_loss(loss_sum, per_tok_sum, n_all, denom)
+        return self._broadcast_loss(loss_sum, per_tok_sum, n_all)
+
+    @torch.no_grad()
+    def forward_only(self, params: dict, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: every micro-batch through every stage, no backward.
+
+        Returns:
+          ``(loss_sum, num_tokens)`` of the micro-batches on every pipeline rank (broadcast from
+          the last stage): the sum of per-token losses and the counted tokens.
+        """
+        mbs = self._microbatches(batch)
+        dev = _device_of(params)
+        sends: list = []
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        last = self.pp * self.virtual_stages - 1
+        for j, mb in enumerate(mbs):
+            ctx = self._context(mb)
+            for c in range(self.virtual_stages):
+                v = self.chunk_stage(c)
+                h = self.model.embed(params, mb["tokens"], ctx) if v == 0 else self._recv_act(j, c, dev)
+                idx = self.chunk_layers(c)
+                h = self.model.run_layers([params["layers"][str(i)] for i in idx], h, ctx, idx.start)
+                if v == last:
+                    labels, w, _ = self._labels_weights(mb, 1)
+                    _, per_tok = self.model.head_loss(params, h, labels, w, ctx)
+                    loss_sum = loss_sum + per_tok.float().sum()
+                else:
+                    self._send_act(h, j, c, sends)
+        for work, _ in sends:
+            work.wait()
+        n_all = sum(counted_mask(mb).sum() for mb in mbs)
+        _, aux = self._broadcast_loss(torch.zeros_like(loss_sum), loss_sum, n_all)
+        return aux["loss_sum"], aux["num_tokens"]
 
     def _sync_tied_embedding(self, params) -> None:
         """Sum the tied embedding's gradient over the first and last stage (both hold a copy)."""
@@ -499,85 +554,12 @@ class Pipeline:
         else:
             w.grad.add_(buf)
 
-    def _broadcast_loss(self, loss_sum, per_tok_sum, n_all, denom):
+    def _broadcast_loss(self, loss_sum, per_tok_sum, n_all):
         vals = torch.stack([loss_sum, per_tok_sum])
         if self.pp > 1:
             dist.broadcast(vals, self._peer(self.pp - 1), group=self.mesh.group("pp"))
         aux = {"num_tokens": n_all.detach(), "loss_sum": vals[1]}
         return vals[0], aux
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, params: dict, directory: str | Path) -> Path:
-        """Write this stage's leaves (global paths) as safetensors + a JSON manifest.
-
-        Every rank with data-parallel coordinate 0 writes ``pp{r}-tp{t}.safetensors`` and
-        ``pp{r}-tp{t}.json``; the manifest records the global layer indices, the split and the
-        leaf shapes, so :meth:`load` works under another pipeline split (same TP size).
-
-        Returns:
-          the path of the written safetensors file (or of the directory on ranks that write nothing).
-        """
-        from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        if self.mesh.rank("dp") != 0:
-            return d
-        tp, tpr = self.mesh.size("tp"), self.mesh.rank("tp")
-        name = f"pp{self.rank:03d}-tp{tpr:03d}"
-        tensors = {p: x.detach().contiguous() for p, x in tree.paths(params) if isinstance(x, torch.Tensor)}
-        manifest = {"format": "pmodel-pipeline-stage", "version": 1, "pp_rank": self.rank, "pp_size": self.pp,
-                    "tp_rank": tpr, "tp_size": tp, "layers": self.layers, "stages": [list(s) for s in self.stages],
-                    "num_layers": self.model.config.num_layers,
-                    "leaves": {p: list(t.shape) for p, t in tensors.items()}}
-        save_file(tensors, str(d / f"{name}.safetensors"))
-        (d / f"{name}.json").write_text(json.dumps(manifest, indent=1))
-        return d / f"{name}.safetensors"
-
-    @torch.no_grad()
-    def load(self, params: dict, directory: str | Path) -> dict:
-        """Fill this stage's params in place from a directory written by :meth:`save` under any
-        pipeline split with the same TP size.
-
-        Raises:
-          FileNotFoundError / ValueError naming the file and key when a leaf is missing, the TP
-          size differs, or a shape does not match.
-        """
-        from safetensors import safe_open
-        d = Path(directory)
-        tpr, tp = self.mesh.rank("tp"), self.mesh.size("tp")
-        manifests = sorted(d.glob(f"pp*-tp{tpr:03d}.json"))
-        if not manifests:
-            raise FileNotFoundError(f"pipeline.load: no stage manifests pp*-tp{tpr:03d}.json in {d}")
-        where: dict = {}
-        for mf in manifests:
-            m = json.loads(mf.read_text())
-            if m.get("format") != "pmodel-pipeline-stage":
-                raise ValueError(f"{mf}: not a pmodel pipeline stage manifest (format {m.get('format')!r})")
-            if m["tp_size"] != tp:
-                raise ValueError(f"{mf}: written with tp_size={m['tp_size']}, loading with tp={tp}; "
-                                 f"reshard tensor-parallel checkpoints first")
-            if m["num_layers"] != self.model.config.num_layers:
-                raise ValueError(f"{mf}: checkpoint has {m['num_layers']} layers, model has "
-                                 f"{self.model.config.num_layers}")
-            for p, shape in m["leaves"].items():
-                where.setdefault(p, (mf.with_suffix(".safetensors"), shape))
-        handles: dict = {}
-
-        def fill(path: str, x):
-            if not isinstance(x, torch.Tensor):
-                return x
-            if path not in where:
-                raise KeyError(f"pipeline.load: {d} has no leaf {path!r} (manifests: {[m.name for m in manifests]})")
-            f, shape = where[path]
-            if list(x.shape) != shape:
-                raise ValueError(f"pipeline.load: {f.name} key {path!r} has shape {shape}, expected {list(x.shape)}")
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            x.copy_(handles[f].get_tensor(path))
-            return x
-
-        tree.map_with_path(fill, params)
-        return params
 
 
 def pipeline(model: Model, mesh: Mesh, schedule: str = "1f1b", microbatches: int = 1,
@@ -606,15 +588,15 @@ def pipeline(model: Model, mesh: Mesh, schedule: str = "1f1b", microbatches: int
     pp = mesh.size("pp")
     if schedule == "interleaved":
         if virtual_stages < 2:
-            raise ValueError("pipeline: the interleaved schedule needs virtual_stages >= 2 "
-                             "(--num-layers-per-virtual-pipeline-stage); use '1f1b' for one chunk per rank")
+            raise ValueError("pipeline: the interleaved schedule needs virtual_stages >= 2; use '1f1b' for one "
+                             "chunk per rank")
         if microbatches % pp:
             raise ValueError(f"pipeline: interleaved 1F1B needs microbatches ({microbatches}) to be a "
                              f"multiple of the pipeline size ({pp})")
     elif virtual_stages != 1:
         raise ValueError(f"pipeline: virtual_stages={virtual_stages} needs schedule='interleaved' "
                          f"(got {schedule!r})")
-    if model.config.tie_embeddings and pp > 1 and model.shard is not None:
+    if model.config.tie_embeddings and pp > 1 and "tensor_parallel" in model.transforms and mesh.size("tp") > 1:
         raise NotImplementedError("pipeline: tied embeddings with a sharding transform (tensor parallel) "
                                   "and pp > 1 is not supported yet")
     stages = split_layers(model.config.num_layers, pp, layers_per_stage, virtual_stages)

@@ -1,216 +1,520 @@
-"""``parallelize``: the one function scripts call to turn parallel flags into transforms.
+"""``parallelize``: one training step for every layout.
+
+``plan = parallelize(model, tx, mesh, pipeline=..., sequence_parallel=..., ...)`` composes tensor /
+sequence parallelism (:func:`~pmodel.parallel.tensor.tensor_parallel`), pipeline stages
+(:func:`~pmodel.parallel.pipeline.pipeline`), data-parallel gradient buckets
+(:class:`~pmodel.parallel.data.DataParallel`), the optimizer layout (plain with fp32 main weights
+for bf16/fp16 params, or the distributed ZeRO-1 / replica optimizer of
+:mod:`pmodel.parallel.zero`) and dynamic loss scaling, and returns a :class:`ParallelPlan` whose
+
+    ``plan.step(params, opt_state, micro_batches) -> (params, opt_state, metrics)``
+
+has the contract of the single-process :func:`pmodel.train.train_step` (which *is* this plan on a
+one-rank mesh). ``micro_batches`` are this data-parallel rank's micro-batches of one global batch;
+the loss is the mean over every counted token of the global batch, so every layout computes the
+same step as one process on the whole batch.
+
+One tail for every layout (:meth:`ParallelPlan._update`): the gradients this rank owns (the
+whole local gradients, or the distributed optimizer's shard pieces) enter one global-norm
+computation, weighted by the layout (a leaf replicated over TP counts once) and summed over the
+mesh dimensions that hold different pieces; the norm decides loss-scale overflow (every rank
+agrees: the norm is all-reduced), unscaling and clipping are one coefficient, then the optimizer
+updates.
 
 Every option takes effect or raises with the reason (no silent no-ops):
 
 * ``sequence_parallel`` needs ``tp > 1``;
 * ``distributed_optimizer`` with ``dp == 1`` warns (``UserWarning``) that nothing is sharded: it
-  still runs (an fp32 main copy of the params and the same update as the plain optimizer, as
-  Megatron's ``--use-distributed-optimizer`` does on one dp rank), so a TP-only launch with the
-  flag works, but the warning says it saves no memory there;
+  still runs (an fp32 main copy of the params and the same update), as Megatron's flag does;
 * ``high_availability`` (replica optimizer) needs ``distributed_optimizer`` and an even ``dp >= 2``;
-* ``overlap_grad_reduce`` needs ``dp > 1`` (there is no reduction to overlap otherwise);
-* TP must divide heads / MLP width / padded vocab (checked by :func:`tensor_parallel`).
+* ``overlap_grad_reduce`` needs ``dp > 1`` and no pipeline (the pipeline interleaves micro-batch
+  backwards, so a bucket is complete only when the schedule ends);
+* the optimizer must not clip by global norm itself (it would see only local shards): pass
+  ``max_grad_norm``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .. import tree
+from .. import optim, tree
+from ..model import count_tokens
 from ..optim import GradientTransformation, apply_updates
+from ..precision import LossScaleState, Policy, init_loss_scale, mixed_precision, next_loss_scale
 from . import comm
 from .data import DataParallel
 from .mesh import Mesh
-from .optimizer import distributed_optimizer as _dist_opt
-from .optimizer import grad_norm
-from .tensor import sync_replicated_grads, tensor_parallel
+from .optimizer import norm_weights
+from .pipeline import Pipeline, pipeline as _pipeline
+from .layout import layout_of, shard_params, sync_replicated_grads
+from .tensor import tensor_parallel
+from .zero import ShardSpec, shard_spec
+from .zero import distributed_optimizer as distributed_optimizer_tx
 
-__all__ = ["ParallelPlan", "parallelize", "pipeline_train_step", "pipeline_grad_norm"]
+__all__ = ["PipelineSpec", "PlanState", "ParallelPlan", "parallelize", "layout_problems", "single"]
+
+# Megatron's default bucket: about 40M gradient scalars per reduction.
+BUCKET_NUMEL = 40_000_000
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineSpec:
+    """How to cut the model into pipeline stages over the mesh's ``pp`` dimension.
+
+    Attributes:
+      schedule: ``"1f1b"``, ``"interleaved"`` (needs ``virtual_stages >= 2``) or ``"zero-bubble"``.
+      layers_per_stage: per-stage layer counts (uneven split), or None for an even split.
+      virtual_stages: model chunks per rank (interleaved schedule).
+    """
+
+    schedule: str = "1f1b"
+    layers_per_stage: tuple | None = None
+    virtual_stages: int = 1
+
+
+class PlanState(NamedTuple):
+    """The optimizer state of a plan.
+
+    Attributes:
+      inner: the optimizer's state (mixed precision or distributed optimizer around ``tx``).
+      loss_scale: :class:`~pmodel.precision.LossScaleState` (fp16) or ``EmptyState``.
+      count: optimizer steps taken (int64), which numbers the micro-batches for the hook.
+    """
+
+    inner: Any
+    loss_scale: Any
+    count: torch.Tensor
+
+
+def _device_of(params) -> torch.device:
+    for x in tree.leaves(params):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class ParallelPlan:
     """A parallelised model + optimizer and the train step that drives them.
 
-    Attributes:
-      model: the tensor-parallel Model.
-      tx: the optimizer (the distributed one when asked).
+    Build with :func:`parallelize`. Attributes:
+      model: the tensor-parallel Model (the whole model's functions and declarations).
+      stage_model: ``model`` restricted to this rank's pipeline stage (its ``defs`` are exactly
+        the leaves :meth:`init` creates); equal to ``model`` without a pipeline.
+      pipe: the :class:`~pmodel.parallel.pipeline.Pipeline`, or None.
       mesh: the :class:`Mesh`.
+      policy: the precision :class:`~pmodel.precision.Policy`.
+      tx: the optimizer as the plan runs it (``tx.init(params)`` gives a :class:`PlanState`;
+        its ``update`` is not called directly: :meth:`step` owns the update).
+      inner_tx: the optimizer layout around the user's ``tx`` (mixed precision with fp32 main
+        weights, or the distributed optimizer).
+      zero: the distributed optimizer's :class:`~pmodel.parallel.zero.ShardSpec`, or None.
+      max_grad_norm: global-norm clip (None = off).
       overlap_grad_reduce, bucket_numel: data-parallel reduction settings.
-      reduce: ``"reduce_scatter"`` for the distributed optimizer, else ``"all_reduce"``.
-      max_grad_norm: global-norm clip (None = off), applied with the TP / dp aware norm.
-      distributed: whether ``tx`` is the sharded optimizer (it clips itself).
+      micro_batch_hook: ``(params, index) -> params`` applied to the params for every micro-batch
+        (``index`` numbers the global batch's micro-batches over the whole run, in the data
+        order; ``None`` during evaluation), e.g. binding LoRA dropout keys.
     """
 
     model: Any
-    tx: GradientTransformation
+    stage_model: Any
+    pipe: Pipeline | None
     mesh: Mesh
+    policy: Policy
+    tx: GradientTransformation
+    inner_tx: GradientTransformation
+    zero: ShardSpec | None
+    max_grad_norm: float | None
     overlap_grad_reduce: bool
     bucket_numel: int
-    reduce: str
-    max_grad_norm: float | None
-    distributed: bool
+    micro_batch_hook: Callable | None = None
+    _buckets: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ params
+    @property
+    def distributed(self) -> bool:
+        return self.zero is not None
+
+    @property
+    def is_lead(self) -> bool:
+        """Global rank 0 (logs, writes metrics)."""
+        return self.mesh.global_rank == 0
+
+    def init(self, seed: int = 0, *, device: Any = None) -> Any:
+        """This rank's params (TP shards of its stage's leaves), equal to slicing
+        ``pmodel.init(model, seed)`` of the single-process model."""
+        from ..params import init as init_params
+        return init_params(self.stage_model, seed, device=device)
+
+    def shard(self, full_params) -> Any:
+        """This rank's params cut from a full single-process params tree (e.g. ``load_hf``)."""
+        local = shard_params(self.model, full_params)
+        return self.pipe.stage_params(local) if self.pipe is not None else local
 
     def data_parallel(self, params) -> DataParallel:
-        """The gradient buckets for ``params`` (create once, before the first backward)."""
-        return DataParallel(params, self.mesh, bucket_numel=self.bucket_numel, overlap=self.overlap_grad_reduce,
-                            reduce=self.reduce)
+        """The gradient buckets for ``params`` (created on first use and kept)."""
+        key = id(params)
+        dp = self._buckets.get(key)
+        if dp is None:
+            self._buckets.clear()  # one live params tree per plan
+            reduce = "reduce_scatter" if self.zero is not None and not self.zero.replica else "all_reduce"
+            dp = DataParallel(params, self.mesh, bucket_numel=self.bucket_numel, overlap=self.overlap_grad_reduce,
+                              reduce=reduce,
+                              grad_dtype=torch.float32 if self.policy.grad_accum_fp32 else None)
+            self._buckets[key] = dp
+        return dp
 
-    def step(self, params, opt_state, dp: DataParallel, micro_batches: list[dict]):
+    # ------------------------------------------------------------------ the step
+    def step(self, params, opt_state: PlanState, micro_batches) -> tuple[Any, PlanState, dict]:
         """One optimizer step over this rank's micro-batches (gradient accumulation).
 
-        The loss is the mean over every counted token of the global batch (all micro-batches of
-        all dp ranks), so the result equals the single-process step on the concatenated batch.
+        Args:
+          params: this rank's params (changed in place; the same tree is returned).
+          opt_state: the :class:`PlanState` from ``plan.tx.init(params)``.
+          micro_batches: a dict or a list of micro-batch dicts (``tokens``, ``labels`` already
+            shifted, optional ``loss_mask``, ``position_ids``, ``attention_mask``, ``cu_seqlens``).
 
         Returns:
-          ``(opt_state, {"loss": global mean loss, "grad_norm": ..., "num_tokens": ...})``.
+          ``(params, opt_state, metrics)``; metrics (Python numbers, equal on every rank):
+          ``loss`` (global mean over counted tokens), ``num_tokens`` (counted, global),
+          ``tokens`` / ``samples`` (processed, global), ``grad_norm`` (before clipping, NaN for a
+          skipped step), ``lr``, ``loss_scale``, ``skipped``.
         """
-        if not micro_batches:
-            raise ValueError("ParallelPlan.step: no micro-batches")
-        counts = [((b["labels"] != -100) & (b["loss_mask"] > 0 if b.get("loss_mask") is not None
-                                             else torch.ones_like(b["labels"], dtype=torch.bool))).sum()
-                  for b in micro_batches]
-        total = comm.all_reduce(torch.stack(counts).sum(), self.mesh.group("dp")).clamp(min=1)
-        loss_sum = torch.zeros(())
-        for i, b in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            ctx = dp.no_sync() if not last else contextlib.nullcontext()
-            with ctx:
-                loss, _ = self.model.loss(params, b, num_tokens=total)
-                loss.backward()
-            loss_sum = loss_sum + loss.detach().float()
+        mbs = _micro_batches(micro_batches)
+        dev = _device_of(params)
+        dp = self.data_parallel(params)
+        local = torch.tensor([sum(count_tokens(mb) for mb in mbs), sum(int(mb["tokens"].numel()) for mb in mbs),
+                              sum(int(mb["tokens"].shape[0]) for mb in mbs)], dtype=torch.int64, device=dev)
+        counts = comm.all_reduce(local, self.mesh.group("dp"))  # counted tokens, tokens, samples
+        denom = counts[0].clamp(min=1)
+        scale = float(opt_state.loss_scale.scale) if isinstance(opt_state.loss_scale, LossScaleState) else 1.0
+        bind = self._binder(params, int(opt_state.count), len(mbs))
+        if self.pipe is not None:
+            loss_sum = self.pipe.forward_backward(params, mbs, num_tokens=denom, loss_scale=scale, bind=bind)[1]["loss_sum"]
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            for j, mb in enumerate(mbs):
+                with dp.no_sync() if j < len(mbs) - 1 else contextlib.nullcontext():
+                    loss, aux = self.model.loss(bind(j) if bind else params, mb, num_tokens=denom)
+                    (loss * scale if scale != 1.0 else loss).backward()
+                loss_sum += aux["loss_sum"].double()
         dp.finish()
-        sync_replicated_grads(self.model, params)  # SP norms, LoRA's replicated factors
-        grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
-        norm = None
-        if not self.distributed:
-            norm = grad_norm(self.model, params, self.mesh)
-            if self.max_grad_norm is not None:
-                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-                # Clip in fp32 (a no-op cast for fp32 grads): bf16 grads times coef would round the
-                # clipped gradient to bf16 before the fp32 main-weight optimizer sees it.
-                grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
-                                 is_leaf=lambda x: x is None)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
+        # The layout's after-backward work: partial gradients of replicated leaves (sequence
+        # parallel norms and row biases, LoRA's replicated factors) are summed over TP.
+        sync_replicated_grads(self.stage_model, params)
+        loss_sum = comm.all_reduce(loss_sum.double().reshape(()).to(dev), self.mesh.group("dp"))
+        opt_state, norm, skipped = self._update(params, opt_state, dp, scale)
+        n = int(counts[0])
+        metrics = {"loss": float(loss_sum) / max(n, 1), "num_tokens": n, "tokens": int(counts[1]),
+                   "samples": int(counts[2]), "grad_norm": norm, "lr": optim.current_lr(opt_state),
+                   "loss_scale": scale, "skipped": skipped}
+        return params, opt_state, metrics
+
+    def _binder(self, params, count: int, local_micro: int):
+        """``j -> params`` for this rank's micro-batch ``j`` (None without a hook). Micro-batch
+        ``j`` of dp rank ``r`` is the global batch's micro-batch ``j * dp + r`` (the data order of
+        :class:`~pmodel.data.MicroBatchLoader`), numbered over the run."""
+        hook = self.micro_batch_hook
+        if hook is None:
+            return None
+        dpn, r = self.mesh.size("dp"), self.mesh.rank("dp")
+        base = count * local_micro * dpn
+        return lambda j: hook(params, base + j * dpn + r)
+
+    def _norm_sq_groups(self):
+        """The mesh groups the squared norm is summed over, in order, and a final divisor."""
+        groups = []
+        div = 1.0
+        if self.zero is not None:
+            groups.append(self.mesh.group("dp"))  # disjoint pieces over dp
+            if self.zero.replica:
+                div = 2.0  # every piece is held by two dp ranks
+        layout = layout_of(self.stage_model)
+        dims = layout.norm_dims if layout is not None else ()
+        return groups + [self.mesh.group(d) for d in dims] + [self.mesh.group("pp")], div
+
+    @torch.no_grad()
+    def _update(self, params, state: PlanState, dp: DataParallel, scale: float):
+        """The one clip / unscale / update tail. Returns ``(state, grad_norm, skipped)``."""
+        grads = dp.grads(params)
+        owned = self.zero.pieces(grads, params) if self.zero is not None else grads
+        weights = norm_weights(self.stage_model, params)
+        skip = self._tied_copy_path()
+        sq = torch.zeros((), dtype=torch.float64, device=_device_of(params))
+        for (path, g), w in zip(tree.paths(owned, is_leaf=lambda x: x is None), weights):
+            if g is not None and path != skip:
+                sq = sq + w * g.detach().double().pow(2).sum()
+        groups, div = self._norm_sq_groups()
+        for i, g in enumerate(groups):
+            sq = comm.all_reduce(sq, g)
+            if i == 0 and div != 1.0:
+                sq = sq / div
+        norm = sq.sqrt().float()  # of the scaled gradients
+        finite = bool(torch.isfinite(norm))
+        ls = state.loss_scale
+        if self.policy.loss_scale is not None:
+            ls = next_loss_scale(self.policy.loss_scale, ls, finite)
+            if not finite:  # every rank sees the same all-reduced norm: all skip together
+                dp.zero_grad()
+                return PlanState(inner=state.inner, loss_scale=ls, count=state.count + 1), float("nan"), True
+        true_norm = norm / scale if scale != 1.0 else norm
+        coef = None
+        if self.max_grad_norm is not None:
+            coef = torch.clamp(self.max_grad_norm / (true_norm + 1e-6), max=1.0)
+        if scale != 1.0:
+            coef = (coef if coef is not None else torch.ones((), device=norm.device)) / scale
+        if coef is not None:
+            # fp32: a mixed-precision optimizer then sees the unrounded clipped gradient.
+            owned = tree.map(lambda g: None if g is None else g.float() * coef, owned, is_leaf=lambda x: x is None)
+        updates, inner = self.inner_tx.update(owned, state.inner, params)
         apply_updates(params, updates)
         dp.zero_grad()
-        if self.distributed:
-            norm = opt_state.grad_norm
-        loss = comm.all_reduce(loss_sum, self.mesh.group("dp"))
-        return opt_state, {"loss": loss, "grad_norm": norm, "num_tokens": total}
+        return PlanState(inner=inner, loss_scale=ls, count=state.count + 1), float(true_norm), False
+
+    def _tied_copy_path(self) -> str | None:
+        """The last stage's copy of a tied embedding: its gradient equals the first stage's (they
+        are summed), so the global norm counts it once."""
+        p = self.pipe
+        if p is not None and self.model.config.tie_embeddings and p.is_last and not p.is_first:
+            return "embed.weight"
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, params, batches, iters: int | None = None) -> dict:
+        """Token-weighted mean loss over ``iters`` batches (all when None) of this rank's
+        micro-batches; the result is global (summed over data-parallel ranks, from the last
+        pipeline stage).
+
+        Returns:
+          ``{"loss", "ppl", "num_tokens", "batches"}``.
+        """
+        dev = _device_of(params)
+        p_eval = self.micro_batch_hook(params, None) if self.micro_batch_hook is not None else params
+        tot = torch.zeros(2, dtype=torch.float64, device=dev)
+        k = 0
+        for batch in batches:
+            if iters is not None and k >= iters:
+                break
+            mbs = _micro_batches(batch)
+            if self.pipe is not None:
+                s, n = self.pipe.forward_only(p_eval, mbs)
+                tot += torch.stack([s.double(), n.double()]).to(dev)
+            else:
+                for mb in mbs:
+                    _, aux = self.model.loss(p_eval, mb)
+                    tot += torch.stack([aux["loss_sum"].double(), aux["num_tokens"].double()]).to(dev)
+            k += 1
+        tot = comm.all_reduce(tot, self.mesh.group("dp"))
+        n = int(tot[1])
+        if n == 0:
+            raise ValueError("evaluate: no counted tokens in the evaluation batches")
+        loss = float(tot[0]) / n
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "num_tokens": n, "batches": k}
+
+    # ------------------------------------------------------------------ checkpoints
+    def leaf_specs(self, params) -> dict:
+        """``{local params path: LeafSpec(global path, global shape, slices, primary)}`` for the
+        reshardable checkpoint (:mod:`pmodel.checkpoint.sharded`)."""
+        from ..checkpoint.sharded import LeafSpec
+        from ..params import is_decl
+        layout = layout_of(self.stage_model)
+        decls = tree.paths(self.stage_model.defs, is_leaf=is_decl)
+        local = [(p, t) for p, t in tree.paths(params)]
+        if len(decls) != len(local):
+            raise ValueError(f"leaf_specs: params have {len(local)} leaves, the stage declares {len(decls)}")
+        out = {}
+        for (name, decl), (p, t) in zip(decls, local):
+            if layout is None:
+                box, primary = [(0, n) for n in decl.shape], True
+            else:
+                sl = layout.leaf_slice(name, decl)
+                box = [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(sl, decl.shape)]
+                primary = layout.is_primary(name, decl)
+            if self._tied_copy_path() == name:
+                primary = False  # the first stage writes the tied embedding
+            out[p] = LeafSpec(name, decl.shape, box, primary)
+        return out
+
+    def save_checkpoint(self, root, step: int, params, opt_state, *, config: dict | None = None,
+                        data: dict | None = None, extra: dict | None = None, keep_last: int | None = None):
+        """Write a reshardable checkpoint of this rank's params and optimizer state (collective)."""
+        from ..checkpoint import sharded
+        return sharded.save(root, step, params=params, opt_state=opt_state, specs=self.leaf_specs(params),
+                            piece_of=self.state_pieces(params), rank=self.mesh.global_rank,
+                            world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), dp_rank=self.mesh.rank("dp"),
+                            config=config, data=data, extra=extra, keep_last=keep_last)
+
+    def load_checkpoint(self, root, params, opt_state, *, config: dict | None = None, path=None):
+        """Fill ``params`` / ``opt_state`` from the latest checkpoint under ``root`` (any layout);
+        ``(params, opt_state, manifest)`` or None when there is none (collective)."""
+        from ..checkpoint import sharded
+        return sharded.load(root, params=params, opt_state=opt_state, specs=self.leaf_specs(params),
+                            piece_of=self.state_pieces(params), rank=self.mesh.global_rank,
+                            world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), config=config, path=path)
+
+    def state_pieces(self, params) -> Callable[[str, torch.Tensor], tuple | None]:
+        """For the reshardable checkpoint: ``(param_path, tensor) -> flat range or None`` of an
+        optimizer-state leaf that mirrors a param (distributed pieces are flat ranges of the
+        local shard; anything else covers the whole local shard)."""
+        if self.zero is None:
+            return lambda path, t: None
+        ranges = dict(zip([p for p, _ in tree.paths(params)], self.zero.ranges(params)))
+
+        def piece(path: str, t: torch.Tensor):
+            r = ranges.get(path)
+            if r is None:
+                return None
+            _, _, in_leaf, n, _ = r
+            return (in_leaf, in_leaf + n)
+        return piece
 
 
-def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, sequence_parallel: bool = False,
-                distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
-                high_availability: bool = False, bucket_numel: int = 40_000_000,
-                max_grad_norm: float | None = None) -> ParallelPlan:
-    """Apply tensor / sequence / data parallelism and the (distributed) optimizer from flags.
+def _micro_batches(batch) -> list[dict]:
+    if isinstance(batch, dict):
+        return [batch]
+    mbs = list(batch)
+    if not mbs or not all(isinstance(b, dict) for b in mbs):
+        raise TypeError("a batch is a dict or a non-empty list of micro-batch dicts")
+    return mbs
+
+
+def layout_problems(cfg, sizes: dict, *, pipeline: PipelineSpec | None = None, sequence_parallel: bool = False,
+                    distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                    high_availability: bool = False, max_grad_norm: float | None = None,
+                    policy: Policy | None = None) -> list[str]:
+    """Why :func:`parallelize` would refuse these options on a mesh of these ``sizes`` (empty when
+    it would not). Needs no process group, so a launcher can check its flags on every rank before
+    any collective starts.
 
     Args:
-      model: the plain Model.
-      tx: the optimizer; must not contain its own global-norm clip (pass ``max_grad_norm``: a clip
-        inside ``tx`` would see only local shards under TP or the distributed optimizer).
-      mesh: the :class:`Mesh` (tp and dp sizes come from it).
-      sequence_parallel: ``--sequence-parallel``.
-      distributed_optimizer: ``--use-distributed-optimizer`` (ZeRO-1 over dp).
-      overlap_grad_reduce: ``--overlap-grad-reduce``.
-      high_availability: ``--enable-high-availability`` (replica optimizer layout).
+      cfg: the :class:`~pmodel.model.ModelConfig`.
+      sizes: ``{dim: size}`` of the mesh (``tp``, ``pp``, ``dp``; missing dims are 1).
+      the rest: as :func:`parallelize`.
+    """
+    from .pipeline import split_layers
+    from .tensor import tp_size_problems
+    tp, pp, dp = (int(sizes.get(d, 1)) for d in ("tp", "pp", "dp"))
+    out = []
+    if policy is not None and policy.param_dtype != cfg.dtype:
+        out.append(f"the model computes in {cfg.dtype} but policy.param_dtype is {policy.param_dtype}; build the "
+                   f"model with dtype={policy.param_dtype}")
+    if sequence_parallel and tp == 1:
+        out.append("sequence_parallel needs tp > 1 (it shards the sequence over the tensor-parallel group)")
+    if tp > 1:
+        out += tp_size_problems(cfg, tp)
+    if high_availability and not distributed_optimizer:
+        out.append("high_availability (replica optimizer) needs distributed_optimizer")
+    elif high_availability and (dp < 2 or dp % 2):
+        out.append(f"high_availability needs an even data-parallel size >= 2, got {dp}")
+    if overlap_grad_reduce and dp == 1:
+        out.append("overlap_grad_reduce needs data-parallel size > 1 (no gradient reduction to overlap)")
+    if overlap_grad_reduce and pp > 1:
+        out.append("overlap_grad_reduce with pipeline size > 1: the pipeline interleaves the micro-batches' "
+                   "backwards, so a bucket's gradients are complete only after the schedule ends; the overlapped "
+                   "reduction runs with pipeline size 1 only")
+    if pipeline is not None and pp == 1:
+        out.append("a PipelineSpec needs the mesh's pp size > 1")
+    if pp > 1:
+        spec = pipeline or PipelineSpec()
+        try:
+            split_layers(cfg.num_layers, pp, spec.layers_per_stage, spec.virtual_stages)
+        except ValueError as e:
+            out.append(str(e))
+        if cfg.tie_embeddings and tp > 1:
+            out.append("tied embeddings with tensor parallel and pipeline size > 1 are not supported yet (the "
+                       "vocab-parallel embedding's gradient is not summed between the first and last stage)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        out.append(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+    if policy is not None and policy.grad_accum_fp32 and overlap_grad_reduce:
+        out.append("grad_accum_fp32 with overlap_grad_reduce: the fp32 accumulation hook and the overlapped bucket "
+                   "launch are not ordered yet; drop one")
+    return out
+
+
+def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, pipeline: PipelineSpec | None = None,
+                sequence_parallel: bool = False, distributed_optimizer: bool = False,
+                overlap_grad_reduce: bool = False, high_availability: bool = False,
+                max_grad_norm: float | None = None, policy: Policy | None = None,
+                bucket_numel: int = BUCKET_NUMEL, micro_batch_hook: Callable | None = None) -> ParallelPlan:
+    """Compose tensor / sequence / pipeline / data parallelism, the optimizer layout and the
+    precision policy into one train step (collective: every rank calls it).
+
+    Args:
+      model: the plain Model (LoRA, recompute and other model transforms already applied).
+      tx: the inner optimizer (elementwise: adamw, sgd, masks, schedules). It must not clip by
+        global norm: pass ``max_grad_norm``.
+      mesh: the :class:`Mesh` (tp, pp and dp sizes come from it); ``Mesh.single()`` for one process.
+      pipeline: a :class:`PipelineSpec` when ``mesh.size("pp") > 1`` (default: 1F1B, even split).
+      sequence_parallel: shard activations on the sequence between TP regions (needs tp > 1).
+      distributed_optimizer: ZeRO-1: fp32 main params and moments sharded over dp.
+      overlap_grad_reduce: reduce each gradient bucket during backward.
+      high_availability: the replica layout of the distributed optimizer (each shard held twice).
+      max_grad_norm: global-norm clip (None = off).
+      policy: precision (default from the model's dtype: fp32 main weights for bf16 / fp16
+        params, dynamic loss scaling for fp16); its ``param_dtype`` must equal the model's dtype.
       bucket_numel: gradient bucket size in scalars.
-      max_grad_norm: ``--clip-grad`` (None = off).
+      micro_batch_hook: ``(params, index or None) -> params`` per micro-batch (see ParallelPlan).
 
     Returns:
       a :class:`ParallelPlan`.
+
+    Raises:
+      ValueError / NotImplementedError: with the reason, for any option that could not take effect.
     """
-    dp = mesh.size("dp")
+    cfg = model.config
+    policy = policy or Policy(param_dtype=cfg.dtype)
+    problems = layout_problems(cfg, mesh.sizes, pipeline=pipeline, sequence_parallel=sequence_parallel,
+                               distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap_grad_reduce,
+                               high_availability=high_availability, max_grad_norm=max_grad_norm, policy=policy)
+    if problems:
+        raise ValueError("parallelize: " + "; ".join(problems))
+    dp, pp = mesh.size("dp"), mesh.size("pp")
     if distributed_optimizer and dp == 1:
-        warnings.warn("--use-distributed-optimizer with data-parallel size 1: there is nothing to shard the "
-                      "optimizer state over, so it saves no memory (it keeps an fp32 main copy of the params "
-                      "and applies the same update as the plain optimizer)", UserWarning, stacklevel=2)
-    if high_availability and not distributed_optimizer:
-        raise ValueError("--enable-high-availability (replica optimizer) needs --use-distributed-optimizer")
-    if high_availability and (dp < 2 or dp % 2):
-        raise ValueError(f"--enable-high-availability needs an even data-parallel size >= 2, got {dp}")
-    if overlap_grad_reduce and dp == 1:
-        raise ValueError("--overlap-grad-reduce needs data-parallel size > 1 (no gradient reduction to overlap)")
+        warnings.warn("distributed_optimizer with data-parallel size 1: there is nothing to shard the optimizer "
+                      "state over, so it saves no memory (it keeps an fp32 main copy of the params and applies "
+                      "the same update as the plain optimizer)", UserWarning, stacklevel=2)
     tp_model = tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
+    pipe, stage_model = None, tp_model
+    if pp > 1:
+        spec = pipeline or PipelineSpec()
+        pipe = _pipeline(tp_model, mesh, spec.schedule, microbatches=pp, layers_per_stage=spec.layers_per_stage,
+                         virtual_stages=spec.virtual_stages)
+        # The stage's view of the model: its declarations are exactly the stage params' leaves,
+        # which the TP-aware norm weights and the replicated-gradient sync walk.
+        stage_model = tp_model.replace(defs=pipe.stage_defs())
+    zero = None
     if distributed_optimizer:
-        tx = _dist_opt(tx, mesh, model=tp_model, replica=high_availability, bucket_numel=bucket_numel,
-                       max_grad_norm=max_grad_norm)
-    reduce = "reduce_scatter" if distributed_optimizer and not high_availability else "all_reduce"
-    return ParallelPlan(model=tp_model, tx=tx, mesh=mesh, overlap_grad_reduce=overlap_grad_reduce,
-                        bucket_numel=bucket_numel, reduce=reduce, max_grad_norm=max_grad_norm,
-                        distributed=distributed_optimizer)
+        zero = shard_spec(mesh, replica=high_availability, bucket_numel=bucket_numel)
+        inner_tx = distributed_optimizer_tx(tx, zero)
+    else:
+        inner_tx = mixed_precision(tx, Policy(param_dtype=policy.param_dtype))
+    ls = policy.loss_scale
+
+    def init(params):
+        inner = inner_tx.init(params)
+        if optim.find_states(inner, optim.ClipState):
+            raise ValueError("parallelize: the optimizer clips by global norm itself, which would see only this "
+                             "rank's shards; pass max_grad_norm to parallelize instead")
+        return PlanState(inner=inner, loss_scale=init_loss_scale(ls), count=torch.zeros((), dtype=torch.int64))
+
+    def update(grads, state, params=None):
+        raise TypeError("ParallelPlan.tx.update: use plan.step (the plan owns the gradient reduction, the "
+                        "global norm and loss scaling)")
+
+    plan = ParallelPlan(model=tp_model, stage_model=stage_model, pipe=pipe, mesh=mesh, policy=policy,
+                        tx=GradientTransformation(init, update), inner_tx=inner_tx, zero=zero,
+                        max_grad_norm=max_grad_norm,
+                        overlap_grad_reduce=overlap_grad_reduce, bucket_numel=bucket_numel,
+                        micro_batch_hook=micro_batch_hook)
+    return plan
 
 
-def pipeline_grad_norm(stage_model, params, mesh: Mesh, *, skip_path: str | None = None) -> torch.Tensor:
-    """Global gradient norm of a pipeline stage's params: TP-weighted per leaf, summed over tp and pp.
-
-    Args:
-      stage_model: the stage's view of the (tensor-parallel) model: its declarations are exactly
-        the stage params' leaves (``tp_model.replace(defs=pipe.stage_defs())``).
-      params: the stage's params, gradients in ``.grad``.
-      mesh: the mesh (groups ``tp`` and ``pp``).
-      skip_path: a leaf left out, e.g. the last stage's copy of a tied embedding, so the tied
-        weight counts once as in the single-process norm.
-    """
-    from .optimizer import norm_weights
-    sq = torch.zeros((), dtype=torch.float64)
-    for (path, p), w in zip(tree.paths(params), norm_weights(stage_model, params)):
-        if p.grad is not None and path != skip_path:
-            sq = sq + w * p.grad.detach().double().pow(2).sum()
-    sq = comm.all_reduce(comm.all_reduce(sq, mesh.group("tp")), mesh.group("pp"))
-    return sq.sqrt().float()
-
-
-def pipeline_train_step(pipe, stage_model, tx: GradientTransformation, mesh: Mesh, dp: DataParallel, *,
-                        max_grad_norm: float | None = None, distributed_optimizer: bool = False,
-                        skip_norm_path: str | None = None):
-    """The train step of a pipeline-parallel run (composed with TP / SP and DP).
-
-    Args:
-      pipe: a :class:`~pmodel.parallel.pipeline.Pipeline`.
-      stage_model: the stage's view of the model (see :func:`pipeline_grad_norm`).
-      tx: the optimizer: plain (possibly mixed precision) or a distributed optimizer, which
-        clips with its own ``max_grad_norm`` and reports ``state.grad_norm``.
-      mesh: the mesh.
-      dp: the stage's data-parallel gradient buckets.
-      max_grad_norm: clip for a plain optimizer (done here, on the global TP/PP norm).
-      distributed_optimizer: whether ``tx`` is a distributed optimizer.
-      skip_norm_path: see :func:`pipeline_grad_norm`.
-
-    Returns:
-      ``step(params, opt_state, micro_batches) -> (opt_state, metrics)`` where
-      ``micro_batches`` are this dp rank's micro-batches of one global batch and ``metrics`` has
-      the global mean ``loss`` (summed over dp) and ``grad_norm``. Params change in place.
-    """
-    def step(params, opt_state, micro_batches: list[dict]):
-        # This rank's micro-batches as one batch; the pipeline cuts it back into its micro-batches.
-        local = {key: torch.cat([m[key] for m in micro_batches]) for key in micro_batches[0]}
-        cnt = (local["labels"] != -100)
-        if local.get("loss_mask") is not None:
-            cnt = cnt & (local["loss_mask"] > 0)
-        total = comm.all_reduce(cnt.sum(), mesh.group("dp")).clamp(min=1)  # the global loss denominator
-        loss, _ = pipe.forward_backward(params, local, num_tokens=total)
-        dp.finish()
-        sync_replicated_grads(stage_model, params)  # SP norms / LoRA factors over TP
-        grads = tree.map(lambda p: p.grad if p.requires_grad else None, params)
-        norm = None
-        if not distributed_optimizer:
-            norm = pipeline_grad_norm(stage_model, params, mesh, skip_path=skip_norm_path)
-            if max_grad_norm is not None:
-                coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
-                # in fp32: a mixed-precision optimizer then sees the unrounded clipped gradient
-                grads = tree.map(lambda g: None if g is None else g.float() * coef, grads,
-                                 is_leaf=lambda x: x is None)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        apply_updates(params, updates)
-        dp.zero_grad()
-        if distributed_optimizer:
-            norm = opt_state.grad_norm
-        return opt_state, {"loss": comm.all_reduce(loss, mesh.group("dp")), "grad_norm": norm}
-
-    return step
+def single(model, tx: GradientTransformation, **kw) -> ParallelPlan:
+    """The plan on one process (``Mesh.single()``): the single-process train step."""
+    return parallelize(model, tx, Mesh.single(), **kw)

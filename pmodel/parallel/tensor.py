@@ -1,6 +1,8 @@
 """Tensor and sequence parallelism as a Model transform.
 
-:func:`tensor_parallel` derives each parameter's role from its logical axes:
+:func:`tensor_parallel` extends the model's :class:`~pmodel.parallel.layout.Layout` with the
+rules :data:`~pmodel.parallel.layout.TP_RULES` (``heads, kv_heads, mlp, vocab -> tp``); each
+parameter's role follows from where ``tp`` falls among its logical axes (``[out, in]`` layout):
 
 * ``[out, in]`` weights whose ``out`` axis is ``heads``, ``kv_heads`` or ``mlp`` are **column
   parallel** (q/k/v, gate/up): each rank holds ``out / tp`` rows and produces its own heads / MLP
@@ -16,56 +18,66 @@
 
 The roles are wrapper leaves (:class:`ColumnParallel`, :class:`RowParallel`,
 :class:`VocabParallel`) that :mod:`pmodel.ops` dispatches to, so the decoder code is unchanged:
-it reads local head counts from the weights it receives.
+it reads local head counts from the weights it receives. They implement the weight protocol
+(:mod:`pmodel.ops.weights`) and hold either a tensor or another wrapper, whose type they never
+inspect.
 
 When ``kv_heads < tp`` each K/V head is replicated on ``tp / kv_heads`` consecutive ranks (those
-whose query heads use it). Each replica receives only its own query heads' share of the gradient,
-so the wrapper sums the K/V weight (and bias) gradients over the replicas in backward.
+whose query heads use it; the layout's ``units``). Each replica receives only its own query
+heads' share of the gradient, so the wrapper sums the K/V weight (and bias) gradients over the
+replicas in backward — through ``map_rows`` for a wrapped weight.
 
-**LoRA** (``tensor_parallel(lora(model), mesh)``): the factors' roles follow their logical axes
-(``a`` is ``("lora_rank", in_axis)``, ``b`` is ``(out_axis, "lora_rank")``), so for a
-column-parallel base ``b`` is sharded along ``out`` and ``a`` replicated, and for a row-parallel
-base ``a`` is sharded along ``in`` and ``b`` replicated. The params keep the single-process
-structure ``LoRA(base, a, b)`` (local shards inside, same paths, so checkpoints, adapter export
-and dropout keys are unchanged) and the transformed ``block`` wraps each adapted weight as
-``ColumnParallel(LoRA(...))`` / ``RowParallel(LoRA(...))`` when it runs: the parallel wrapper is
-outermost and owns the communication, the LoRA inside computes on local shards. A row-parallel
-LoRA's low-rank partial products are added to the base's partial sum before the one reduction
-(the sum is linear), so LoRA costs no extra communication in the forward. The replicated factor
-(``a`` of a column-parallel, ``b`` of a row-parallel base) gets only this rank's part of its
-gradient (``a``: the contribution through the local rows of ``b``; ``b``: through the local
-columns of ``a``), so :func:`sync_replicated_grads` all-reduces it over TP after backward, in
-the same flat buffer as the sequence-parallel norm gradients. LoRA dropout masks are drawn for
-the full input and sliced, so they equal the single-process masks.
+**Composite weights** (wrapper nodes in the declarations, e.g. ``LoRA(P, P, P)`` from
+``tensor_parallel(lora(model), mesh)``): each child is cut by its own axes (LoRA's ``a`` is
+``("lora_rank", in_axis)``, ``b`` is ``(out_axis, "lora_rank")``), and the composite's role is
+that of its sharded matrix children (all must agree; the others must be replicated). The params
+keep the single-process structure (local shards inside, same paths, so checkpoints, adapter
+export and dropout keys are unchanged) and the transformed ``block`` wraps each composite as
+``ColumnParallel(node)`` / ``RowParallel(node)`` when it runs: the parallel wrapper is outermost
+and owns the communication, the composite computes on local shards. A row-parallel composite's
+partial products join the one reduction (the sum is linear), and the wrapper passes
+``in_shard`` so a composite that depends on the full input (LoRA dropout) can behave as on one
+process. A replicated child of a sharded composite (LoRA's ``a`` under a column base, ``b``
+under a row base) gets only this rank's part of its gradient: the transform contributes a
+``GradReduction`` that all-reduces it over TP after backward.
 
 **Sequence parallel** (``sequence_parallel=True``) keeps the residual stream ``(B, T/tp, D)``
 sharded on the sequence between TP regions: column layers all-gather the sequence before their
 matmul (backward: reduce-scatter), row layers reduce-scatter their partial sums (backward:
 all-gather), and norms run on the shards. Replicated parameters used on the shards (norm weights,
-row-parallel biases) then hold only their shard's gradient: :func:`sync_replicated_grads`
-all-reduces them over TP and must run after backward (the train step built by
-:func:`pmodel.parallel.parallelize` does it).
+row-parallel biases) then hold only their shard's gradient: sequence parallel contributes their
+all-reduce over TP to the layout, which :func:`sync_replicated_grads` (``layout.sync_grads``) runs
+after backward, in the same flat buffer as the composites' reductions.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any
 
 import torch
 
 from .. import ops, tree
-from ..lora import LoRA, dropout_mask, is_lora
-from ..params import P, is_decl
+from ..ops.weights import WeightWrapper, is_wrapper, map_rows
+from ..params import is_decl
 from . import comm
+from .layout import TP_RULES, GradReduction, Layout, Placement, Wrapping, layout_of, shard_params, sync_replicated_grads
 from .mesh import Mesh
 
+# shard_params / sync_replicated_grads / layout_of are defined in layout.py (they work for any
+# layout); they are importable from here too, next to the transform that builds TP layouts.
 __all__ = [
-    "ColumnParallel", "RowParallel", "VocabParallel", "TPLayout", "tensor_parallel", "tp_layout",
-    "shard_params", "sync_sequence_parallel_grads", "sync_replicated_grads", "sequence_parallel_paths",
-    "replicated_grad_paths", "tp_size_problems",
+    "ColumnParallel", "RowParallel", "VocabParallel", "tensor_parallel", "tp_size_problems",
+    "layout_of", "shard_params", "sync_replicated_grads",
 ]
 
-TP_AXES = ("heads", "kv_heads", "mlp")
+# Roles whose (2-d) leaves the TP transform wraps; within a composite, the children each role allows.
+_WRAPPED = ("column", "kv_replica", "row", "vocab")
+_COMPOSITE_CHILDREN = {
+    "column": {"column", "column_bias", "replicated"},
+    "kv_replica": {"kv_replica", "kv_replica_bias", "replicated"},
+    "row": {"row", "column_bias", "replicated"},
+    "replicated": {"replicated"},
+}
 
 
 # ============================================================================ replica gradient sum
@@ -91,33 +103,33 @@ class _SumOverReplicas(torch.autograd.Function):
 
 
 # ============================================================================ wrapper leaves
-class _Parallel:
-    """Base for the parallel wrappers: one local tensor plus static communication info."""
+class _Parallel(WeightWrapper):
+    """Base for the parallel wrappers: one local weight (a tensor or an inner wrapper) plus
+    static communication info."""
 
-    def __init__(self, shard: torch.Tensor, *, group, sequence_parallel: bool):
+    _STATIC: tuple[str, ...] = ("group", "sequence_parallel")
+
+    def __init__(self, shard, *, group, sequence_parallel: bool):
         self.shard = shard
         self.group = group
         self.sequence_parallel = bool(sequence_parallel)
 
-    # pytree plumbing: the local tensor is the only child; the rest is static context.
-    def _static(self):
-        return (self.group, self.sequence_parallel)
-
     @property
     def shape(self):  # local shape (what this rank stores)
-        return self.shard.shape
+        return tuple(self.shard.shape)
 
-    def _tensor(self) -> torch.Tensor:
-        # A LoRA shard reports its base weight's dtype / device (the factors follow it).
-        return self.shard.base if isinstance(self.shard, LoRA) else self.shard
+    def main_tensor(self):
+        return self.shard  # a tensor, or a wrapper reporting its own dtype / device
 
-    @property
-    def dtype(self):
-        return self._tensor().dtype
+    def map_rows(self, f):
+        out = copy.copy(self)
+        out.shard = map_rows(self.shard, f)
+        return out
 
-    @property
-    def device(self):
-        return self._tensor().device
+    def _no_in_shard(self, in_shard):
+        if in_shard is not None:
+            raise NotImplementedError(f"{type(self).__name__}: an input already split over columns "
+                                      f"(in_shard={in_shard}) cannot be split again by tensor parallelism")
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:
         """Replicated (or, under SP, sequence-sharded) input -> full input of a TP region."""
@@ -126,7 +138,7 @@ class _Parallel:
         return comm.copy_to_tp(x, self.group)
 
     def __repr__(self):
-        return f"{type(self).__name__}({tuple(self.shard.shape)}, sp={self.sequence_parallel})"
+        return f"{type(self).__name__}({self.shard!r} {tuple(self.shape)}, sp={self.sequence_parallel})"
 
 
 class ColumnParallel(_Parallel):
@@ -136,44 +148,46 @@ class ColumnParallel(_Parallel):
     rows are the whole head ``slot`` of ``slots`` and gradients are summed over its copies.
     """
 
+    _STATIC = ("group", "sequence_parallel", "replica")
+
     def __init__(self, shard, *, group, sequence_parallel, replica: tuple[int, int] | None = None):
         super().__init__(shard, group=group, sequence_parallel=sequence_parallel)
         self.replica = replica
-
-    def _static(self):
-        return (self.group, self.sequence_parallel, self.replica)
 
     def _sync(self, t):
         if self.replica is None or t is None or not t.requires_grad:
             return t
         return _SumOverReplicas.apply(t, self.group, *self.replica)
 
-    def _weight(self):
-        """The local weight, with replicated-K/V gradient sums attached where needed."""
-        w = self.shard
-        if isinstance(w, LoRA):
-            # base and b hold the local rows (the K/V head under replication); a is replicated
-            # and synced after backward (sync_replicated_grads).
-            return w.replace(base=self._sync(w.base), b=self._sync(w.b))
-        return self._sync(w)
-
-    def linear(self, x, bias=None, *, kernels=None):
+    def linear(self, x, bias=None, *, kernels=None, in_shard=None):
+        self._no_in_shard(in_shard)
+        # Replicated K/V: attach the replica gradient sum to every row-indexed tensor of the
+        # weight (a wrapper inside, e.g. LoRA, says which through map_rows). A wrapper inside
+        # sees the full input, so e.g. LoRA's dropout mask is the single-process one.
+        w = self.shard if self.replica is None else map_rows(self.shard, self._sync)
+        if self.sequence_parallel and kernels is not None and kernels.mc2:
+            # All-gather of the sequence + matmul as one op (torch_npu's MC2 kernel on NPU).
+            y = ops.all_gather_linear(x, w, self.group, kernels=kernels)  # (B, T, out/tp)
+            return y if bias is None else y + self._sync(bias)
         x = self._enter(x)  # (B, T, in) full sequence
-        # A LoRA inside sees the full input, so its dropout mask is the single-process one.
-        return ops.linear(x, self._weight(), self._sync(bias), kernels=kernels)  # (B, T, out/tp)
+        return ops.linear(x, w, self._sync(bias), kernels=kernels)  # (B, T, out/tp)
 
 
 class RowParallel(_Parallel):
     """``[out, in/tp]`` columns of a row-parallel weight; reduces the partial sums itself."""
 
-    def linear(self, x, bias=None, *, kernels=None):
-        w = self.shard
-        if isinstance(w, LoRA) and w.dropout > 0 and isinstance(w.key, int):
-            y = self._lora_dropout_partial(x, w, kernels)  # (B, T, out) partial sum
-        else:
-            # x: (B, T, in/tp). With a LoRA shard the low-rank partial product (x_r A_rᵀ) Bᵀ is
-            # part of this partial sum, so it joins the one reduction below.
-            y = ops.linear(x, w, kernels=kernels)  # (B, T, out) partial sum over this rank's inputs
+    def linear(self, x, bias=None, *, kernels=None, in_shard=None):
+        self._no_in_shard(in_shard)
+        # x: (B, T, in/tp), this rank's input columns [r * n, (r + 1) * n) of in = n * tp. A
+        # wrapper inside computes its partial sum on them (LoRA: (x_r A_rᵀ) Bᵀ joins the one
+        # reduction below) and gets in_shard to act as if it saw the full input where needed.
+        n, r, t = x.shape[-1], comm.group_rank(self.group), comm.group_size(self.group)
+        if self.sequence_parallel and kernels is not None and kernels.mc2:
+            # matmul + reduce-scatter of the sequence as one op (torch_npu's MC2 kernel on NPU).
+            y = ops.linear_reduce_scatter(x, self.shard, self.group, kernels=kernels,
+                                          in_shard=(r * n, n * t))  # (B, T/tp, out)
+            return y if bias is None else y + bias
+        y = ops.linear(x, self.shard, kernels=kernels, in_shard=(r * n, n * t))  # (B, T, out) partial
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence(y, self.group, 1)  # (B, T/tp, out)
         else:
@@ -181,29 +195,15 @@ class RowParallel(_Parallel):
         # The bias is replicated: add it once, after the reduction.
         return y if bias is None else y + bias
 
-    def _lora_dropout_partial(self, x, w: LoRA, kernels):
-        """LoRA with dropout on a row shard: the mask is drawn for the full input ``(..., in)``
-        from the leaf's key and this rank's columns are kept, so the masks (and results) equal
-        the single-process ones; otherwise each rank would draw an unrelated local-shape mask."""
-        n, tp, r = x.shape[-1], comm.group_size(self.group), comm.group_rank(self.group)
-        keep = dropout_mask(int(w.key), tuple(x.shape[:-1]) + (n * tp,), w.dropout, x.device)  # (..., in)
-        keep = keep[..., r * n:(r + 1) * n].to(x.dtype)  # (..., in/tp)
-        xd = x * keep / (1.0 - w.dropout)
-        # The same formula as LoRA.linear, with the dropped input supplied from outside.
-        y = ops.linear(x, w.base, kernels=kernels)  # (..., out)
-        u = ops.linear(xd, w.a, kernels=kernels)  # (..., r)
-        return y + ops.linear(u * w.scale, w.b, kernels=kernels)  # (..., out)
-
 
 class VocabParallel(_Parallel):
     """``[V/tp, D]`` rows (``[lo, lo + V/tp)``) of the embedding / output matrix."""
 
+    _STATIC = ("group", "sequence_parallel", "vocab_start")
+
     def __init__(self, shard, *, group, sequence_parallel, vocab_start: int):
         super().__init__(shard, group=group, sequence_parallel=sequence_parallel)
         self.vocab_start = int(vocab_start)
-
-    def _static(self):
-        return (self.group, self.sequence_parallel, self.vocab_start)
 
     def embedding(self, tokens, *, kernels=None):
         lo, n = self.vocab_start, self.shard.shape[0]
@@ -216,7 +216,8 @@ class VocabParallel(_Parallel):
         # and the embedding norm have been applied on the full sequence.
         return comm.reduce_from_tp(e, self.group)
 
-    def linear(self, x, bias=None, *, kernels=None):
+    def linear(self, x, bias=None, *, kernels=None, in_shard=None):
+        self._no_in_shard(in_shard)
         if bias is not None:
             raise NotImplementedError("VocabParallel: an output-layer bias is not supported")
         x = self._enter(x)
@@ -232,22 +233,22 @@ class VocabParallel(_Parallel):
         return loss_sum, per_tok.view(labels.shape)
 
 
-for _cls in (ColumnParallel, RowParallel, VocabParallel):
-    def _children(obj):
-        return [obj.shard], obj._static()
+def _register(cls):
+    def children(obj):
+        return [obj.shard], tuple(getattr(obj, n) for n in cls._STATIC)
 
-    def _rebuild(children, static, cls=_cls):
+    def rebuild(kids, static):
         obj = cls.__new__(cls)
-        obj.shard = children[0]
-        if cls is ColumnParallel:
-            obj.group, obj.sequence_parallel, obj.replica = static
-        elif cls is VocabParallel:
-            obj.group, obj.sequence_parallel, obj.vocab_start = static
-        else:
-            obj.group, obj.sequence_parallel = static
+        obj.shard = kids[0]
+        for name, value in zip(cls._STATIC, static):
+            setattr(obj, name, value)
         return obj
 
-    tree.register_node(_cls, _children, _rebuild, ("shard",))
+    tree.register_node(cls, children, rebuild, ("shard",))
+
+
+for _cls in (ColumnParallel, RowParallel, VocabParallel):
+    _register(_cls)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -289,108 +290,6 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None
 
 
-# ============================================================================ layout + init hook
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class TPLayout:
-    """How a model's parameters are split over the TP group (also the model's ``shard`` hook).
-
-    Attributes:
-      mesh: the :class:`Mesh` (its ``tp`` dimension is used).
-      sequence_parallel: SP on.
-      num_heads, num_kv_heads: the model's (global) head counts.
-      lora_nodes: paths of the LoRA nodes (``layers.0.attn.q_proj.weight``); their ``base`` /
-        ``a`` / ``b`` are cut like any leaf but kept as plain tensors, because the parallel
-        wrapper goes around the whole LoRA node when the block runs.
-    """
-
-    mesh: Mesh
-    sequence_parallel: bool
-    num_heads: int
-    num_kv_heads: int
-    lora_nodes: frozenset = frozenset()  # paths of LoRA nodes: their children stay plain tensors
-
-    @property
-    def tp(self) -> int:
-        return self.mesh.size("tp")
-
-    @property
-    def rank(self) -> int:
-        return self.mesh.rank("tp")
-
-    @property
-    def group(self):
-        return self.mesh.group("tp")
-
-    def role(self, path: str, decl: P) -> str:
-        """``"column"``, ``"row"``, ``"vocab"``, ``"column_bias"``, ``"kv_replica"``,
-        ``"kv_replica_bias"`` or ``"replicated"`` for a declaration."""
-        axes = decl.axes
-        if len(axes) == 2:
-            if axes[0] in TP_AXES:
-                if axes[0] == "kv_heads" and self.num_kv_heads < self.tp:
-                    return "kv_replica"
-                return "column"
-            if axes[1] in TP_AXES:
-                return "row"
-            if axes[0] == "vocab":
-                return "vocab"
-            if "vocab" in axes[1:] or any(a in TP_AXES for a in axes):
-                raise NotImplementedError(f"tensor_parallel: no TP role for {path} with axes {axes}")
-            return "replicated"
-        if len(axes) == 1:
-            if axes[0] in TP_AXES:
-                if axes[0] == "kv_heads" and self.num_kv_heads < self.tp:
-                    return "kv_replica_bias"
-                return "column_bias"
-            if axes[0] == "vocab":
-                raise NotImplementedError(f"tensor_parallel: vocab-sized vector {path} is not supported")
-            return "replicated"
-        if any(a in TP_AXES + ("vocab",) for a in axes):
-            raise NotImplementedError(f"tensor_parallel: no TP role for {len(axes)}-d {path} with axes {axes}")
-        return "replicated"
-
-    def _kv_slot(self) -> tuple[int, int]:
-        # Rank r's query heads [r*H/tp, (r+1)*H/tp) all use K/V head r // (tp / kv_heads).
-        per = self.tp // self.num_kv_heads
-        return self.rank // per, self.num_kv_heads
-
-    def local(self, path: str, decl: P, full: torch.Tensor) -> Any:
-        """The leaf this rank keeps for ``full`` (a clone, so the full draw can be freed)."""
-        role = self.role(path, decl)
-        t, r, g, sp = self.tp, self.rank, self.group, self.sequence_parallel
-        in_lora = path.rpartition(".")[0] in self.lora_nodes
-        if role == "replicated":
-            return full
-        if role in ("kv_replica", "kv_replica_bias"):
-            slot, slots = self._kv_slot()
-            part = full.chunk(slots, dim=0)[slot].clone()
-            if role == "kv_replica_bias" or in_lora:
-                return part
-            return ColumnParallel(part, group=g, sequence_parallel=sp, replica=(slot, slots))
-        dim = 1 if role == "row" else 0
-        if full.shape[dim] % t:
-            raise ValueError(f"tensor_parallel: {path} dim {dim} of size {full.shape[dim]} is not divisible by tp={t}")
-        part = full.chunk(t, dim=dim)[r].clone()
-        if in_lora:
-            return part  # wrapped around the whole LoRA node at call time (see tensor_parallel)
-        if role == "column":
-            return ColumnParallel(part, group=g, sequence_parallel=sp)
-        if role == "row":
-            return RowParallel(part, group=g, sequence_parallel=sp)
-        if role == "vocab":
-            return VocabParallel(part, group=g, sequence_parallel=sp, vocab_start=r * part.shape[0])
-        return part  # column_bias
-
-    def __call__(self, path: str, decl: P, full: torch.Tensor) -> Any:
-        return self.local(path, decl, full)
-
-
-def tp_layout(model) -> TPLayout | None:
-    """The :class:`TPLayout` of a tensor-parallel model, or None."""
-    return model.shard if isinstance(model.shard, TPLayout) else None
-
-
-# ============================================================================ the transform
 def tp_size_problems(cfg, tp: int) -> list[str]:
     """Why ``cfg`` cannot be split over ``tp`` ranks (empty when it can); no process group needed,
     so scripts can check their flags before launching collectives."""
@@ -408,70 +307,141 @@ def tp_size_problems(cfg, tp: int) -> list[str]:
     return problems
 
 
+# ============================================================================ the transform
+def _tp_wrapping(group, sequence_parallel: bool) -> Wrapping:
+    """TP's contribution to the layout: 2-d column / row / vocab leaves split over tp only."""
+    sp = bool(sequence_parallel)
+
+    def claims(spec: Placement) -> bool:
+        return (spec.composite is None and len(spec.shape) == 2 and spec.role in _WRAPPED
+                and all(d in (None, "tp") for d in spec.dims))
+
+    def wrap(spec: Placement, t: torch.Tensor):
+        if spec.role in ("column", "kv_replica"):
+            return ColumnParallel(t, group=group, sequence_parallel=sp, replica=spec.replica)
+        if spec.role == "row":
+            return RowParallel(t, group=group, sequence_parallel=sp)
+        return VocabParallel(t, group=group, sequence_parallel=sp, vocab_start=spec.index[0].start)
+
+    return Wrapping(name="tensor_parallel", claims=claims, wrap=wrap)
+
+
+def _composite_roles(defs, layout: Layout) -> dict[str, tuple[str, tuple | None, list[str]]]:
+    """``{composite path: (role, replica, replicated child paths)}``, checking that its children's
+    roles fit one role (the sharded matrix children agree; the others are replicated)."""
+    out = {}
+    for path, node in tree.paths(defs, is_leaf=lambda x: is_decl(x) or is_wrapper(x)):
+        if not is_wrapper(node):
+            continue
+        specs = {f"{path}.{sub}": layout.placement(f"{path}.{sub}", d) for sub, d in tree.paths(node, is_leaf=is_decl)}
+        roles = {p: s.role for p, s in specs.items()}
+        matrix = {r for r in roles.values() if r in _WRAPPED}
+        if len(matrix) > 1 or "vocab" in matrix:
+            raise NotImplementedError(f"tensor_parallel: composite weight {type(node).__name__} at {path} has "
+                                      f"children with roles {roles}; one column / row role is supported")
+        role = matrix.pop() if matrix else "replicated"
+        bad = {p: r for p, r in roles.items() if r not in _COMPOSITE_CHILDREN[role]}
+        if bad:
+            raise NotImplementedError(f"tensor_parallel: composite weight {type(node).__name__} at {path}: a {role} "
+                                      f"composite allows children {sorted(_COMPOSITE_CHILDREN[role])}, got {bad}")
+        if role != "replicated" and not path.startswith("layers."):
+            raise NotImplementedError(f"tensor_parallel: a sharded composite weight outside the decoder layers "
+                                      f"({path}) is not supported")
+        replica = next((s.replica for s in specs.values() if s.replica is not None), None)
+        out[path] = (role, replica, [p for p, r in roles.items() if r == "replicated"])
+    return out
+
+
 def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
     """Split ``model`` over the mesh's ``tp`` dimension.
 
     Args:
-      model: a :class:`~pmodel.model.Model` (no other sharding hook applied yet).
+      model: a :class:`~pmodel.model.Model`, possibly already carrying a layout from another
+        sharding transform on the same mesh (its rules must not contradict :data:`TP_RULES`).
       mesh: the :class:`Mesh`; its ``tp`` group carries the communication.
       sequence_parallel: keep activations sharded on the sequence between TP regions (needs
         ``tp > 1`` and a sequence length divisible by ``tp``).
 
     Returns:
-      a new Model whose ``shard`` hook makes :func:`pmodel.init` create only local shards (equal
-      to slicing the full keyed draw) and whose functions communicate through the wrappers.
+      a new Model whose ``layout`` makes :func:`pmodel.init` create only local shards (equal to
+      slicing the full keyed draw) and holds the after-backward gradient work, and whose
+      functions communicate through the wrappers. With ``tp == 1`` the model is unchanged.
 
     Raises:
-      ValueError: when a size does not divide (heads, kv heads, MLP width, padded vocab) or
-        sequence parallel is asked for with ``tp == 1``.
+      ValueError: when a size does not divide (heads, kv heads, MLP width, padded vocab),
+        sequence parallel is asked for with ``tp == 1``, or the transform is applied twice.
+      NotImplementedError: a declaration split over tp that no transform wraps (e.g. a 3-d
+        expert weight without an expert-parallel transform) or an unsupported composite.
     """
     cfg = model.config
     tp = mesh.size("tp")
     if sequence_parallel and tp == 1:
         raise ValueError("sequence parallel needs tensor parallel size > 1 (it shards the sequence over the TP group)")
-    if model.shard is not None:
-        raise ValueError(f"tensor_parallel must be the first sharding transform; model already has "
-                         f"shard hook {model.shard!r} (transforms {model.transforms})")
+    if "tensor_parallel" in model.transforms:
+        raise ValueError(f"tensor_parallel is already applied (transforms {model.transforms})")
     if tp == 1:
         return model.replace(transforms=model.transforms + ("tensor_parallel",))
     problems = tp_size_problems(cfg, tp)
     if problems:
         raise ValueError("tensor_parallel: " + "; ".join(problems))
+    base = layout_of(model) or Layout(mesh=mesh)
+    if base.mesh is not mesh:
+        raise ValueError("tensor_parallel: the model's layout was built for another mesh")
+    group, rank, H, sp = mesh.group("tp"), mesh.rank("tp"), cfg.num_heads, bool(sequence_parallel)
+    layout = base.extend(rules=TP_RULES, units={"heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads},
+                         wrappings=(_tp_wrapping(group, sp),))
+    comps = _composite_roles(model.defs, layout)
+    layout = layout.extend(composites=comps)
 
-    layout = TPLayout(mesh=mesh, sequence_parallel=bool(sequence_parallel), num_heads=cfg.num_heads,
-                      num_kv_heads=cfg.num_kv_heads)
+    # Every leaf: its placement (raises on sizes that do not divide), and for one split over tp a
+    # transform that wraps it (a leaf split only over another dim is that transform's business).
+    replicated = []
     for path, decl in tree.paths(model.defs, is_leaf=is_decl):
-        layout.role(path, decl)  # raise now, not at init, for an unsupported declaration
-    lora_roles = _lora_roles(model.defs, layout)  # {node path: role of its base}
-    layout = dataclasses.replace(layout, lora_nodes=frozenset(lora_roles))
+        spec = layout.placement(path, decl)
+        if spec.role == "replicated":
+            replicated.append(path)
+        if spec.composite is not None or len(spec.shape) == 1 or "tp" not in spec.dims:
+            continue  # wrapped with its composite / the bias of a wrapped weight / not split over tp
+        if not any(w.claims(spec) for w in layout.wrappings):
+            raise NotImplementedError(f"tensor_parallel: {path} (axes {decl.axes}) is split over "
+                                      f"{[d for d in spec.dims if d]} but no transform wraps it")
+
+    # After-backward work: replicated children of sharded composites hold partial gradients;
+    # under SP so do replicated leaves used on sequence shards (all but what runs before the
+    # scatter in `embed`: position embeddings and the embedding norm).
+    reductions = [GradReduction(name="composite_replicated", dim="tp",
+                                paths=[p for role, _, reps in comps.values() if role != "replicated" for p in reps])]
+    if sp:
+        reductions.append(GradReduction(name="sequence_parallel", dim="tp", paths=[
+            p for p in replicated if p.split(".")[0] not in ("pos_embed", "embed_norm")]))
+    layout = layout.extend(reductions=tuple(r for r in reductions if r.paths))
+
     # Within a layer, by relative path ("attn.q_proj.weight"): every layer has the same roles.
-    rel_roles: dict[str, str] = {}
-    for path, role in lora_roles.items():
+    rel_roles: dict[str, tuple[str, tuple | None]] = {}
+    for path, (role, replica, _) in comps.items():
+        if not path.startswith("layers."):
+            continue
         rel = path.split(".", 2)[2]
-        if rel_roles.setdefault(rel, role) != role:
-            raise NotImplementedError(f"tensor_parallel: LoRA at {path} has base role {role}, another layer's "
-                                      f"{rel} has {rel_roles[rel]}")
-    group, rank, H = layout.group, layout.rank, cfg.num_heads
-    sp = bool(sequence_parallel)
-    kv_slot = layout._kv_slot() if cfg.num_kv_heads < tp else None
+        if rel_roles.setdefault(rel, (role, replica)) != (role, replica):
+            raise NotImplementedError(f"tensor_parallel: composite at {path} has role {role}, another layer's "
+                                      f"{rel} has {rel_roles[rel][0]}")
     inner = model
 
-    def wrap_lora(p):
-        """Put the parallel wrapper around each LoRA node of a layer's params (outermost)."""
+    def wrap_composites(p):
+        """Put the parallel wrapper around each composite weight of a layer's params (outermost)."""
         def go(rel, n):
-            if not is_lora(n):
+            if not is_wrapper(n) or isinstance(n, _Parallel):
                 return n
-            role = rel_roles.get(rel)
-            if role is None:
-                raise ValueError(f"tensor_parallel: the layer params hold a LoRA at {rel} that the model does "
-                                 f"not declare (adapted: {sorted(rel_roles)})")
+            if rel not in rel_roles:
+                raise ValueError(f"tensor_parallel: the layer params hold a {type(n).__name__} at {rel} that the "
+                                 f"model does not declare (composites: {sorted(rel_roles)})")
+            role, replica = rel_roles[rel]
             if role in ("column", "kv_replica"):
-                return ColumnParallel(n, group=group, sequence_parallel=sp,
-                                      replica=kv_slot if role == "kv_replica" else None)
+                return ColumnParallel(n, group=group, sequence_parallel=sp, replica=replica)
             if role == "row":
                 return RowParallel(n, group=group, sequence_parallel=sp)
-            return n  # replicated base: computes locally (SP syncs its factors' grads)
-        return tree.map_with_path(go, p, is_leaf=is_lora)
+            return n  # replicated: computes locally (SP syncs its children's grads)
+        return tree.map_with_path(go, p, is_leaf=is_wrapper)
 
     def local_ctx(ctx):
         if ctx.cache is not None:
@@ -492,7 +462,7 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
         return h
 
     def block(p, h, ctx, layer):
-        return inner.block(wrap_lora(p) if rel_roles else p, h, local_ctx(ctx), layer)
+        return inner.block(wrap_composites(p) if rel_roles else p, h, local_ctx(ctx), layer)
 
     def head(params, h, ctx):
         return inner.head(params, h, local_ctx(ctx))
@@ -500,116 +470,5 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
     def head_loss(params, h, labels, weights, ctx):
         return inner.head_loss(params, h, labels, weights, local_ctx(ctx))
 
-    return model.replace(embed=embed, block=block, head=head, head_loss=head_loss, shard=layout,
+    return model.replace(embed=embed, block=block, head=head, head_loss=head_loss, layout=layout,
                          transforms=model.transforms + ("tensor_parallel",))
-
-
-_LORA_FACTOR_ROLES = {  # base role -> (role of a, role of b)
-    "column": ("replicated", "column"),
-    "kv_replica": ("replicated", "kv_replica"),
-    "row": ("row", "replicated"),
-    "replicated": ("replicated", "replicated"),
-}
-
-
-def _lora_roles(defs, layout: TPLayout) -> dict[str, str]:
-    """``{LoRA node path: role of its base}``, checking the factors' roles fit the base's."""
-    out = {}
-    for path, node in tree.paths(defs, is_leaf=lambda x: is_lora(x) or is_decl(x)):
-        if not is_lora(node):
-            continue
-        base = layout.role(path + ".base", node.base)
-        got = (layout.role(path + ".a", node.a), layout.role(path + ".b", node.b))
-        want = _LORA_FACTOR_ROLES.get(base)
-        if want != got:
-            raise NotImplementedError(
-                f"tensor_parallel: LoRA at {path}: base role {base!r} with factor roles {got} (a axes "
-                f"{node.a.axes}, b axes {node.b.axes}) is not supported; a column / row / replicated base "
-                f"needs factor roles {want or _LORA_FACTOR_ROLES}")
-        if not path.startswith("layers.") and base != "replicated":
-            raise NotImplementedError(f"tensor_parallel: LoRA outside the decoder layers ({path}) is not supported")
-        out[path] = base
-    return out
-
-
-def shard_params(model, full_params) -> Any:
-    """Cut this rank's leaves out of a full params tree (e.g. from :func:`pmodel.load_hf`).
-
-    Gives the same leaves as ``pmodel.init(model, seed)`` would from the same full values.
-    """
-    layout = tp_layout(model)
-    if layout is None:
-        return full_params
-
-    def cut(path, decl):
-        full = tree.get(full_params, path).detach()
-        leaf = layout.local(path, decl, full)
-        return tree.map(lambda x: x.detach().clone().requires_grad_(decl.trainable and x.is_floating_point()), leaf)
-
-    return tree.map_with_path(cut, model.defs, is_leaf=is_decl)
-
-
-def sequence_parallel_paths(model) -> list[str]:
-    """Paths of replicated parameters used on sequence shards (their grads need a TP all-reduce).
-
-    Everything replicated except what runs before the scatter in ``embed`` (position embeddings,
-    the embedding norm): norm weights / biases in the blocks and the final norm, row-parallel biases.
-    """
-    layout = tp_layout(model)
-    if layout is None or not layout.sequence_parallel:
-        return []
-    out = []
-    for path, decl in tree.paths(model.defs, is_leaf=is_decl):
-        if layout.role(path, decl) == "replicated" and path.split(".")[0] not in ("pos_embed", "embed_norm"):
-            out.append(path)
-    return out
-
-
-def replicated_grad_paths(model) -> list[str]:
-    """Paths of replicated parameters whose per-rank gradient is only a part of the sum over TP.
-
-    :func:`sequence_parallel_paths` under sequence parallel, plus the replicated LoRA factor of
-    every adapted TP projection: ``a`` of a column-parallel base (rank ``r``'s gradient flows only
-    through its rows of ``b``) and ``b`` of a row-parallel base (only through its columns of
-    ``a``). In defs order.
-    """
-    layout = tp_layout(model)
-    if layout is None:
-        return []
-    partial = set(sequence_parallel_paths(model))
-    for path, role in _lora_roles(model.defs, layout).items():
-        if role in ("column", "kv_replica"):
-            partial.add(path + ".a")
-        elif role == "row":
-            partial.add(path + ".b")
-    return [p for p, _ in tree.paths(model.defs, is_leaf=is_decl) if p in partial]
-
-
-@torch.no_grad()
-def sync_replicated_grads(model, params) -> None:
-    """All-reduce over TP the gradients (``.grad``) of :func:`replicated_grad_paths`, in one flat
-    buffer. A no-op when there are none (no sequence parallel, no LoRA).
-
-    Call once after backward (after the last micro-batch; before or after the data-parallel
-    reduction: both are sums). Calling it twice would double those gradients.
-    """
-    layout = tp_layout(model)
-    paths = replicated_grad_paths(model)
-    if not paths:
-        return
-    grads = [tree.get(params, p).grad for p in paths]
-    live = [g for g in grads if g is not None]
-    if not live:
-        return
-    flat = torch.cat([g.reshape(-1).float() for g in live])
-    flat = comm.all_reduce(flat, layout.group)
-    off = 0
-    for g in live:
-        n = g.numel()
-        g.copy_(flat[off:off + n].view_as(g))
-        off += n
-
-
-def sync_sequence_parallel_grads(model, params) -> None:
-    """The earlier name of :func:`sync_replicated_grads` (which also covers LoRA factors)."""
-    sync_replicated_grads(model, params)

@@ -1,0 +1,454 @@
+"""What pretrain.py and finetune.py share: Megatron / ModelLink flags -> library configs.
+
+Flags only: every flag is translated into an explicit argument of a library call
+(:func:`pmodel.parallel.parallelize`, :func:`pmodel.train.train`, the tokenizer loader, the
+kernel policy), and library errors come back with the library's argument names replaced by the
+flags a user typed. No training logic lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pmodel  # noqa: E402
+from pmodel import optim  # noqa: E402
+from pmodel.parallel import Mesh, PipelineSpec, init_distributed, parallelize  # noqa: E402
+from pmodel.precision import LossScale, Policy  # noqa: E402
+
+# Megatron / ModelLink --tokenizer-type values -> pmodel.data.load_tokenizer kinds.
+TOKENIZER_TYPES = {
+    "PretrainedFromHF": "auto", "HuggingFaceTokenizer": "hf", "HFTokenizer": "hf", "GPT2BPETokenizer": "hf",
+    "SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
+    "Llama2Tokenizer": "sentencepiece", "TikTokenizer": "tiktoken", "TiktokenTokenizer": "tiktoken",
+    "ByteTokenizer": "bytes",
+}
+
+# Library argument names -> the flags that set them (for error messages).
+FLAGS = {
+    "sequence_parallel": "--sequence-parallel", "distributed_optimizer": "--use-distributed-optimizer",
+    "high_availability": "--enable-high-availability", "overlap_grad_reduce": "--overlap-grad-reduce",
+    "max_grad_norm": "--clip-grad", "grad_accum_fp32": "--accumulate-allreduce-grads-in-fp32",
+    "layers_per_stage": "--num-layer-list", "virtual_stages": "--num-layers-per-virtual-pipeline-stage",
+    "fused_attention": "--use-flash-attn", "fused_norm": "--use-fused-rmsnorm", "fused_swiglu": "--use-fused-swiglu",
+    "fused_rotary": "--use-fused-rotary-pos-emb", "mc2": "--use-mc2", "flash_attn": "--use-flash-attn",
+    "fused_rmsnorm": "--use-fused-rmsnorm",
+    "tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+}
+
+
+def flag_message(msg: str) -> str:
+    """A library message with argument names (``high_availability``, ``tp=2``) shown as flags."""
+    msg = re.sub(r"\b(tp|pp)=(\d+)", lambda m: f"{FLAGS[m.group(1)]} {m.group(2)}", msg)
+    msg = msg.replace("ModelConfig.pad_vocab_to", "--make-vocab-size-divisible-by")
+    return re.sub(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")\b(?=[ =)]|$)",
+                  lambda m: FLAGS[m.group(1)], msg)
+
+
+def refuse(prog: str, msg: str):
+    raise SystemExit(f"{prog}: {msg}")
+
+
+# ----------------------------------------------------------------------------- flag groups
+def add_tokenizer_flags(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("tokenizer (as preprocess_data.py)")
+    g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_TYPES))
+    g.add_argument("--tokenizer-name-or-path", help="folder holding the tokenizer files (an HF model folder)")
+    g.add_argument("--tokenizer-model", help="tokenizer file (.model, .tiktoken, tokenizer.json)")
+
+
+def add_batch_flags(ap, *, micro_default=None) -> None:
+    g = ap.add_argument_group("batch (Megatron: global = micro x micro-batches per rank x data-parallel size)")
+    g.add_argument("--micro-batch-size", type=int, required=micro_default is None, default=micro_default)
+    g.add_argument("--global-batch-size", type=int, help="default: --micro-batch-size x data-parallel size")
+
+
+def add_optimizer_flags(ap, *, lr_default=None, decay_style="linear", weight_decay=0.01) -> None:
+    g = ap.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, required=lr_default is None, default=lr_default)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", default=decay_style, choices=optim.STYLES)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global-norm clipping; 0 disables")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def add_precision_flags(ap) -> None:
+    g = ap.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true", help="bf16 params and activations, fp32 main weights")
+    g.add_argument("--fp16", action="store_true", help="fp16 params and activations, fp32 main weights, loss scaling")
+    g.add_argument("--initial-loss-scale", type=float, help="fp16 dynamic loss scale start (default 2**32)")
+    g.add_argument("--loss-scale-window", type=int, help="fp16: clean steps before the scale grows (default 1000)")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="accumulate bf16/fp16 micro-batch gradients in fp32 buffers")
+
+
+def add_parallel_flags(ap) -> None:
+    g = ap.add_argument_group("parallelism (launch with torch.distributed.run, one process per rank)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="keep activations sharded on the sequence between TP regions (needs TP > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO-1: fp32 main params and Adam moments sharded over the data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each gradient bucket during backward (needs dp > 1, pp = 1)")
+    g.add_argument("--enable-high-availability", action="store_true",
+                   help="replica optimizer: each optimizer shard held by two dp ranks")
+    g.add_argument("--num-layer-list", help="comma-separated layers per pipeline stage (uneven split), e.g. 1,3")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="layers per model chunk: the interleaved schedule's virtual stages")
+    g.add_argument("--pipeline-schedule", choices=("1f1b", "interleaved", "zero-bubble"),
+                   help="default: interleaved with virtual stages, else 1f1b")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device)")
+
+
+def add_kernel_flags(ap) -> None:
+    g = ap.add_argument_group("fused kernels (ModelLink names; refused where the device has no such kernel)")
+    g.add_argument("--use-flash-attn", action="store_true")
+    g.add_argument("--use-fused-rmsnorm", action="store_true")
+    g.add_argument("--use-fused-swiglu", action="store_true")
+    g.add_argument("--use-fused-rotary-pos-emb", action="store_true")
+    g.add_argument("--use-mc2", action="store_true", help="NPU: fused all-gather+matmul / matmul+reduce-scatter "
+                                                           "for sequence-parallel linears")
+
+
+def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
+    """Loop flags; ``checkpoints=False`` leaves ``--save`` / ``--load`` / ``--save-interval`` to the
+    script (finetune.py saves adapters / HF checkpoints, not training checkpoints)."""
+    g = ap.add_argument_group("loop, checkpoints and logging")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    if checkpoints:
+        g.add_argument("--save", help="checkpoint root")
+        g.add_argument("--load", help="resume from the latest checkpoint under this root (any parallel layout)")
+        g.add_argument("--save-interval", type=int)
+    g.add_argument("--log-interval", type=int, default=log_interval)
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int, help="batches per evaluation (needs --eval-interval; default 100)")
+    g.add_argument("--metrics-file", help="JSON-lines metrics (default: <save>/metrics.jsonl when --save)")
+    g.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, to report MFU")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- checks
+def validate_common(args, prog: str) -> None:
+    """Refuse shared flag combinations that could not take effect."""
+    def no(msg):
+        refuse(prog, msg)
+    if args.bf16 and args.fp16:
+        no("--bf16 and --fp16 are exclusive")
+    for flag in ("micro_batch_size", "global_batch_size", "log_interval", "train_iters", "save_interval",
+                 "eval_interval", "eval_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        v = getattr(args, flag, None)
+        if v is not None and v < (0 if flag == "train_iters" else 1):
+            no(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if args.global_batch_size and args.micro_batch_size and args.global_batch_size % args.micro_batch_size:
+        no(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+           f"{args.micro_batch_size}")
+    if args.use_mc2 and not args.sequence_parallel:
+        no("--use-mc2 fuses the sequence-parallel all-gather / reduce-scatter with the matmuls: it needs "
+           "--sequence-parallel")
+    if args.clip_grad < 0:
+        no(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
+    if args.eval_iters is not None and not args.eval_interval:
+        no("--eval-iters sets the batches per evaluation; without --eval-interval nothing is evaluated")
+    if args.lr_decay_iters is not None and args.lr_decay_style not in ("linear", "cosine"):
+        no(f"--lr-decay-iters: --lr-decay-style {args.lr_decay_style} has no decay length (only linear and cosine do)")
+    if args.lr_decay_style == "constant" and args.min_lr != 0.0:
+        no("--min-lr is the floor of a decaying schedule; --lr-decay-style constant never uses it")
+    if args.lr_decay_style in ("linear", "cosine") and (args.lr_decay_iters or args.train_iters) <= args.lr_warmup_iters:
+        no(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length "
+           f"{args.lr_decay_iters or args.train_iters} for --lr-decay-style {args.lr_decay_style}")
+    if (args.initial_loss_scale is not None or args.loss_scale_window is not None) and not args.fp16:
+        no("--initial-loss-scale / --loss-scale-window need --fp16 (bf16 and fp32 train without loss scaling)")
+    if args.accumulate_allreduce_grads_in_fp32 and not (args.bf16 or args.fp16):
+        no("--accumulate-allreduce-grads-in-fp32 needs --bf16 or --fp16 (fp32 gradients already are fp32)")
+    if getattr(args, "save_interval", None) is not None and not args.save:
+        no("--save-interval needs --save")
+    if args.tokenizer_model and args.tokenizer_name_or_path:
+        no("give one of --tokenizer-model and --tokenizer-name-or-path (both name the tokenizer)")
+    tok = args.tokenizer_model or args.tokenizer_name_or_path
+    if args.tokenizer_type == "ByteTokenizer" and tok:
+        no(f"--tokenizer-type ByteTokenizer reads no file; drop {tok} or pick the type that reads it")
+    if args.tokenizer_type and not tok and TOKENIZER_TYPES[args.tokenizer_type] != "bytes":
+        no(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-name-or-path or --tokenizer-model")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        no("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the sequence over the TP group)")
+    if args.enable_high_availability and not args.use_distributed_optimizer:
+        no("--enable-high-availability (replica optimizer) needs --use-distributed-optimizer")
+    pp, v = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    if pp == 1:
+        for flag, val in (("--num-layer-list", args.num_layer_list),
+                          ("--num-layers-per-virtual-pipeline-stage", v), ("--pipeline-schedule", args.pipeline_schedule)):
+            if val is not None:
+                no(f"{flag} needs --pipeline-model-parallel-size > 1")
+    if args.num_layer_list is not None:
+        try:
+            [int(x) for x in args.num_layer_list.split(",")]
+        except ValueError:
+            no(f"--num-layer-list {args.num_layer_list!r}: expected comma-separated integers, e.g. 1,3")
+        if v is not None:
+            no("--num-layer-list and --num-layers-per-virtual-pipeline-stage: a virtual stage size is one number for "
+               "every rank, an uneven split is not; give one of them")
+    if v is not None and v < 1:
+        no(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {v}")
+    if args.pipeline_schedule == "interleaved" and v is None:
+        no("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage (the model chunks each "
+           "rank interleaves)")
+    if args.pipeline_schedule in ("1f1b", "zero-bubble") and v is not None:
+        no(f"--num-layers-per-virtual-pipeline-stage makes virtual stages, which only the interleaved schedule "
+           f"runs; --pipeline-schedule {args.pipeline_schedule} would ignore them")
+    parallel = (args.tensor_model_parallel_size > 1 or pp > 1 or args.use_distributed_optimizer
+                or args.overlap_grad_reduce)
+    if parallel and world_size() == 1 and (args.tensor_model_parallel_size > 1 or pp > 1 or args.overlap_grad_reduce):
+        no("tensor / pipeline / data parallel flags need one process per rank: launch with torchrun, e.g. "
+           f"python -m torch.distributed.run --nproc-per-node 2 {prog} ...")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ----------------------------------------------------------------------------- builders
+def load_tokenizer(args, *, default=None, vocab_size=None):
+    """The tokenizer named by the flags (or ``default``, e.g. the HF checkpoint folder), or None."""
+    path = args.tokenizer_model or args.tokenizer_name_or_path or default
+    if path is None and args.tokenizer_type != "ByteTokenizer":
+        return None
+    kind = TOKENIZER_TYPES[args.tokenizer_type] if args.tokenizer_type else "auto"
+    return pmodel.data.load_tokenizer(path, kind=kind, vocab_size=vocab_size)
+
+
+def dtype_of(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def policy_of(args, dtype: torch.dtype | None = None) -> Policy:
+    """The precision policy: ``dtype`` (default from --bf16 / --fp16) with fp32 main weights, loss
+    scaling for fp16."""
+    dtype = dtype or dtype_of(args)
+    scale = None
+    if dtype == torch.float16:
+        kw = {}
+        if args.initial_loss_scale is not None:
+            kw["initial"] = args.initial_loss_scale
+        if args.loss_scale_window is not None:
+            kw["growth_interval"] = args.loss_scale_window
+        scale = LossScale(**kw)
+    return Policy(param_dtype=dtype, grad_accum_fp32=args.accumulate_allreduce_grads_in_fp32,
+                  loss_scale=scale)
+
+
+def optimizer_of(args) -> tuple:
+    """``(tx, max_grad_norm)``: AdamW on Megatron's schedule; the clip goes to the plan."""
+    decay = args.lr_decay_iters or args.train_iters
+    sched = optim.megatron(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
+                           decay_steps=decay if args.lr_decay_style in ("linear", "cosine") else None,
+                           style=args.lr_decay_style)
+    tx = optim.adamw(sched, args.adam_beta1, args.adam_beta2, args.adam_eps, args.weight_decay)
+    return tx, (args.clip_grad if args.clip_grad > 0 else None)
+
+
+def kernels_of(args, device: torch.device, prog: str):
+    """The kernel policy from the fusion flags; a fusion the device's backend lacks is refused."""
+    # A flag left out means "the backend's default" (fused where it has the kernel; MC2 off).
+    asked = {"flash_attn": args.use_flash_attn or None, "fused_rmsnorm": args.use_fused_rmsnorm or None,
+             "fused_swiglu": args.use_fused_swiglu or None, "fused_rotary": args.use_fused_rotary_pos_emb or None,
+             "mc2": args.use_mc2 or None}
+    try:
+        return pmodel.ops.kernels_for(backend=device.type, **asked)
+    except ValueError as e:
+        refuse(prog, flag_message(str(e)))
+
+
+class Launch:
+    """This process in the launch: rank, world size, device, and the mesh once built."""
+
+    def __init__(self, args, prog: str):
+        self.rank, self.world = int(os.environ.get("RANK", "0")), world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", args.__dict__.get("local_rank") or 0))
+        dev = torch.device(args.device)
+        if dev.type != "cpu" and dev.index is None:
+            dev = torch.device(dev.type, self.local_rank)
+        self.device = dev
+        self.prog = prog
+        self.mesh = None
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def say(self, msg: str) -> None:
+        if self.lead:
+            print(msg, flush=True)
+
+    def layout(self, args, cfg) -> dict:
+        """Sizes from the flags, checked against the world size and the model before any group exists."""
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        no = lambda m: refuse(self.prog, m)  # noqa: E731
+        if self.world % (tp * pp):
+            no(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp} does not divide "
+               f"the world size {self.world}")
+        dp = self.world // (tp * pp)
+        gbs = args.global_batch_size or args.micro_batch_size * dp
+        if gbs % (args.micro_batch_size * dp):
+            no(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {args.micro_batch_size} x "
+               f"data-parallel size {dp}")
+        k = gbs // (args.micro_batch_size * dp)
+        V, nl = 1, args.num_layers_per_virtual_pipeline_stage
+        if nl is not None:
+            if cfg.num_layers % (pp * nl):
+                no(f"--num-layers-per-virtual-pipeline-stage {nl}: {cfg.num_layers} layers do not split into "
+                   f"{pp} pipeline stages of chunks of {nl} layers")
+            V = cfg.num_layers // (pp * nl)
+            if V < 2:
+                no(f"--num-layers-per-virtual-pipeline-stage {nl} gives each of the {pp} stages one chunk of "
+                   f"{cfg.num_layers // pp} layers; the interleaved schedule needs at least 2 chunks per stage")
+        schedule = args.pipeline_schedule or ("interleaved" if V > 1 else "1f1b")
+        if schedule == "interleaved" and k % pp:
+            no(f"--pipeline-schedule interleaved needs the micro-batches per data-parallel rank ({k} = global batch "
+               f"{gbs} / (micro batch {args.micro_batch_size} x dp {dp})) to be a multiple of "
+               f"--pipeline-model-parallel-size {pp} (Megatron's requirement)")
+        lps = tuple(int(x) for x in args.num_layer_list.split(",")) if args.num_layer_list else None
+        if lps is not None and len(lps) != pp:
+            no(f"--num-layer-list {args.num_layer_list} has {len(lps)} entries; expected one per pipeline stage "
+               f"(--pipeline-model-parallel-size {pp})")
+        lay = {"tp": tp, "pp": pp, "dp": dp, "global_batch": gbs, "microbatches": k, "schedule": schedule,
+               "virtual_stages": V, "layers_per_stage": lps}
+        # The library's own rules, checked on every rank before any process group exists.
+        from pmodel.parallel.plan import layout_problems
+        problems = layout_problems(cfg, lay, pipeline=self.pipeline_spec(lay), sequence_parallel=args.sequence_parallel,
+                                   distributed_optimizer=args.use_distributed_optimizer,
+                                   overlap_grad_reduce=args.overlap_grad_reduce,
+                                   high_availability=args.enable_high_availability,
+                                   policy=policy_of(args, cfg.dtype))
+        if problems:
+            no(flag_message("; ".join(problems)))
+        return lay
+
+    @staticmethod
+    def pipeline_spec(lay: dict):
+        if lay["pp"] == 1:
+            return None
+        return PipelineSpec(schedule=lay["schedule"], layers_per_stage=lay["layers_per_stage"],
+                            virtual_stages=lay["virtual_stages"])
+
+    def build_mesh(self, lay: dict) -> Mesh:
+        if self.world == 1:
+            self.mesh = Mesh.single()
+        else:
+            if "MASTER_ADDR" not in os.environ:
+                refuse(self.prog, "WORLD_SIZE > 1 without MASTER_ADDR: launch with torch.distributed.run")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            init_distributed(rank=self.rank, world_size=self.world, device_type=self.device.type)
+            self.mesh = Mesh.build(tp=lay["tp"], pp=lay["pp"])
+        return self.mesh
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def build_plan(args, launch: Launch, model, tx, lay: dict, *, max_grad_norm, policy, hook=None):
+    """:func:`pmodel.parallel.parallelize` from the flags (library refusals shown with flag names)."""
+    spec = launch.pipeline_spec(lay)
+    try:
+        with warnings.catch_warnings():
+            if not launch.lead:
+                warnings.simplefilter("ignore")
+            return parallelize(model, tx, launch.mesh, pipeline=spec, sequence_parallel=args.sequence_parallel,
+                               distributed_optimizer=args.use_distributed_optimizer,
+                               overlap_grad_reduce=args.overlap_grad_reduce,
+                               high_availability=args.enable_high_availability, max_grad_norm=max_grad_norm,
+                               policy=policy, micro_batch_hook=hook)
+    except (ValueError, NotImplementedError) as e:
+        refuse(launch.prog, flag_message(str(e)))
+
+
+def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=None, config=None, extra=None,
+        save=None):
+    """Resume (``--load``), then :func:`pmodel.train.train` with checkpoints every
+    ``--save-interval`` and at the end (``save`` overrides what a save writes).
+    Returns ``(params, opt_state, state, history)``."""
+    from pmodel.checkpoint.state import CheckpointError
+    from pmodel.train import LoopConfig, TrainState, train
+    cfg_dict = plan.model.config.to_dict()
+    state = TrainState()
+    if getattr(args, "load", None):
+        try:
+            got = plan.load_checkpoint(args.load, params, opt_state, config=cfg_dict)
+        except CheckpointError as e:
+            refuse(launch.prog, str(e))
+        if got is None:
+            launch.say(f"no checkpoint under --load {args.load}; starting from scratch")
+        else:
+            params, opt_state, man = got
+            state = TrainState(step=man["step"], consumed_samples=int(man["data"]["consumed_samples"]))
+            note = "" if man["rng_restored"] else " (saved under another layout: resharded; RNG states not restored)"
+            launch.say(f"resumed from {man['dir']} at iteration {state.step} ({state.consumed_samples} samples "
+                       f"consumed){note}")
+    if save is None and getattr(args, "save", None):
+        def save(st, p, o):
+            return plan.save_checkpoint(args.save, st.step, p, o, config=cfg_dict,
+                                        data={"consumed_samples": st.consumed_samples}, extra=extra)
+    metrics = args.metrics_file or (str(Path(args.save) / "metrics.jsonl") if getattr(args, "save", None) else None)
+    eval_iters = 100 if args.eval_iters is None else args.eval_iters
+    loop = LoopConfig(train_iters=args.train_iters, log_interval=args.log_interval, eval_interval=args.eval_interval,
+                      eval_iters=eval_iters, save_interval=args.save_interval, metrics_path=metrics,
+                      progress=not args.no_progress, peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+                      world_size=launch.world)
+    return train(plan.step, params, opt_state, train_data, loop=loop,
+                 evaluate=plan.evaluate if eval_data is not None else None, eval_data=eval_data, save=save,
+                 state=state, config=config, lead=launch.lead)
+
+
+def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_samples=None):
+    """``start -> iterator`` of this data-parallel rank's micro-batches (each rank reads only its own)."""
+    from pmodel.data import MicroBatchLoader
+    mesh = launch.mesh
+
+    def data(start):
+        it = MicroBatchLoader(dataset, micro_batch_size=args.micro_batch_size, num_micro_batches=lay["microbatches"],
+                              start=start, dp_rank=mesh.rank("dp"), dp_size=mesh.size("dp"), collator=collator,
+                              num_samples=num_samples)
+        return ([to_batch(mb) for mb in micros] for micros in it)
+    return data
+
+
+def gather(plan, params, template, workdir):
+    """The full (single-process layout) params on the lead rank, ``None`` elsewhere (collective).
+
+    Every rank writes its pieces through the reshardable checkpoint format into ``workdir``; the
+    lead fills ``template`` (full-shaped params, e.g. the tree the run was sharded from) from them.
+    """
+    if plan.mesh.world_size == 1:
+        return params
+    import shutil
+
+    from pmodel.checkpoint import sharded
+    d = plan.save_checkpoint(workdir, 0, params, None)
+    out = None
+    if plan.is_lead:
+        out = sharded.load(None, params=template, path=d)[0]
+    import torch.distributed as dist
+    dist.barrier()
+    if plan.is_lead:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
