@@ -30,7 +30,7 @@ TOKENIZER_TYPES = {
     "PretrainedFromHF": "auto", "HuggingFaceTokenizer": "hf", "HFTokenizer": "hf", "GPT2BPETokenizer": "hf",
     "SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
     "Llama2Tokenizer": "sentencepiece", "TikTokenizer": "tiktoken", "TiktokenTokenizer": "tiktoken",
-    "ByteTokenizer": "bytes",
+    "ByteTokenizer": "bytes", "auto": "auto",
 }
 
 # Library argument names -> the flags that set them (for error messages).

@@ -46,7 +46,8 @@ import pmodel  # noqa: E402
 from pmodel import lora as L  # noqa: E402
 from pmodel import tree  # noqa: E402
 from pmodel.checkpoint import peft as peft_io  # noqa: E402
-from pmodel.data import CollatorConfig, InstructionDataset, RecordError, collate, encode_record, shift_example  # noqa: E402
+from pmodel import data as pdata  # noqa: E402
+from pmodel.data import CollatorConfig, InstructionDataset, collate  # noqa: E402
 
 PROG = "finetune.py"
 
@@ -151,39 +152,6 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-class _Examples:
-    """Shifted examples in memory, with the ``sample(i)`` / ``len`` MicroBatchLoader reads."""
-
-    def __init__(self, examples: list):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def sample(self, i: int):
-        return self.examples[i]
-
-
-def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise SystemExit(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
 def load_examples(args, model) -> tuple[object, dict]:
     """The training examples and a summary of what was read / skipped."""
     if not args.data_path.endswith((".json", ".jsonl")):
@@ -203,28 +171,17 @@ def load_examples(args, model) -> tuple[object, dict]:
     tok = cli.load_tokenizer(args, default=args.load_hf, vocab_size=model.config.vocab_size)
     template = args.prompt_type or pmodel.families.get(model.family).chat_template
     map_keys = json.loads(args.map_keys) if args.map_keys else {}
-    records = _read_records(Path(args.data_path))
+    try:
+        records = pdata.read_records(args.data_path)
+    except ValueError as e:
+        cli.refuse(PROG, str(e))
     if args.max_samples is not None:
         records = records[: args.max_samples]
-    examples, skipped = [], {}
-    for rec in records:
-        try:
-            r = encode_record(rec, tok, template, style=args.data_style or "alpaca", map_keys=map_keys,
-                              max_len=args.seq_length + 1)  # +1: shifting drops one token
-        except RecordError as e:
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-            continue
-        if r is None:
-            skipped["too_long"] = skipped.get("too_long", 0) + 1
-            continue
-        ex = shift_example(r.ids, r.labels)
-        if ex["loss_mask"].sum() == 0:
-            skipped["no_response_tokens"] = skipped.get("no_response_tokens", 0) + 1
-            continue
-        examples.append(ex)
-    if not examples:
+    examples, skipped = pdata.encode_examples(records, tok, template, style=args.data_style or "alpaca",
+                                              map_keys=map_keys, seq_length=args.seq_length)
+    if not len(examples):
         raise SystemExit(f"{args.data_path}: no usable examples (skipped: {skipped})")
-    return _Examples(examples), {"source": "raw", "template": template, "examples": len(examples),
+    return examples, {"source": "raw", "template": template, "examples": len(examples),
                                  "skipped": skipped}
 
 

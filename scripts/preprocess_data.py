@@ -26,16 +26,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli_common import TOKENIZER_TYPES  # noqa: E402
 from pmodel.data.preprocess import HANDLERS, PreprocessConfig, PreprocessError, preprocess  # noqa: E402
 from pmodel.data.templates import TEMPLATES  # noqa: E402
 
-_TOKENIZER_TYPES = {
-    # ModelLink names -> our loader kinds
-    "PretrainedFromHF": "auto", "Llama2Tokenizer": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
-    "GPTSentencePieceTokenizer": "sentencepiece", "TiktokenTokenizer": "tiktoken",
-    "GPT2BPETokenizer": "hf", "HFTokenizer": "hf", "ByteTokenizer": "bytes", "auto": "auto",
-}
+# ModelLink names -> our loader kinds: the table pretrain.py and finetune.py use too.
+_TOKENIZER_TYPES = TOKENIZER_TYPES
 
 # PreprocessConfig field -> the flag that sets it: the library's messages name its fields
 # (``PreprocessConfig.workers``); a user of this script typed flags.

@@ -135,3 +135,64 @@ def test_mc2_sequence_parallel_linears_on_two_ranks():
     from _dist import assert_all_ok, launch
 
     assert_all_ok(launch(_mc2_worker, 2, timeout_s=180))
+
+
+def _mc2_model_worker(rank, world):
+    """``--use-mc2`` end to end: a TP2 + sequence-parallel model whose TP group has an HCCL
+    communicator (the stand-in backend); Kernels(mc2=True) routes the column / row parallel linears
+    through the fused MC2 ops; loss and every gradient equal mc2 off and the single process."""
+    from npu_standins import CALLS, hccl_group, install as install_standins
+    from pmodel.model import ModelConfig, build
+    from pmodel.parallel import Mesh, shard_params, sync_replicated_grads, tensor_parallel
+    from pmodel.parallel.mesh import DIMS
+
+    install_standins()
+    group = hccl_group(range(world))
+    # the kernels' smallest inner dimension is 256: hidden 512, MLP 1024, 8 heads of 64 over tp 2
+    cfg = ModelConfig(vocab_size=128, hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=4,
+                      ffn_hidden_size=1024, dtype=torch.float64)
+    sizes = {d: (world if d == "tp" else 1) for d in DIMS}
+    mesh = Mesh(sizes=sizes, global_rank=rank, world_size=world, coords={d: (rank if d == "tp" else 0) for d in DIMS},
+                groups={d: (group if d == "tp" else None) for d in DIMS},
+                group_ranks={d: (tuple(range(world)) if d == "tp" else (rank,)) for d in DIMS}, backend="gloo")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (2, 8), generator=g)
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1)}
+    plain = build(cfg, ops.Kernels(backend="npu"))  # the same stand-in kernels on one process
+    full = pmodel.init(plain, seed=1)
+    loss_ref = plain.loss(full, batch)[0]
+    loss_ref.backward()
+    loss_ref = loss_ref.detach()
+    checks, got = {}, {}
+    for mc2 in (False, True):
+        m = tensor_parallel(build(cfg, ops.Kernels(backend="npu", mc2=mc2)), mesh, sequence_parallel=True)
+        params = shard_params(m, pmodel.init(plain, seed=1))
+        CALLS.clear()
+        loss = m.loss(params, batch)[0]
+        loss.backward()
+        sync_replicated_grads(m, params)  # sequence-parallel norm weights hold partial gradients
+        got[mc2] = (loss.detach(), [x.grad for x in tree.leaves(params)], dict(CALLS))
+    want_grads = tree.leaves(shard_params(m, tree.map(lambda x: x.grad, full)))
+    # The stand-ins take rms_norm's statistics in fp32 (as the kernel does), so TP's other
+    # summation order shows at ~1e-8 against one process; mc2 on vs off is the same arithmetic.
+    for mc2, (loss, grads, calls) in got.items():
+        tag = f"mc2={mc2}"
+        checks[f"{tag} loss == one process"] = None if _rel(loss, loss_ref) < 1e-6 else f"{loss} vs {loss_ref}"
+        worst = max(_rel(a, b) for a, b in zip(grads, want_grads))
+        checks[f"{tag} grads == one process"] = None if worst < 1e-6 else f"worst {worst:.3g}"
+        if mc2:
+            worst = max(_rel(a, b) for a, b in zip(grads, got[False][1]))
+            checks["mc2 on == off (loss, grads)"] = None if worst < 1e-12 and _rel(loss, got[False][0]) < 1e-12 \
+                else f"worst {worst:.3g}"
+        # per layer: q, k, v, gate, up (column) and o, down (row); the row ops' backward gathers too
+        n_ag, n_rs = calls.get("npu_all_gather_base_mm", 0), calls.get("npu_mm_reduce_scatter_base", 0)
+        want = (5 + 2, 2) if mc2 else (0, 0)
+        checks[f"{tag} MC2 kernel calls"] = None if (n_ag, n_rs) == want else f"all-gather-mm {n_ag}, mm-rs {n_rs}"
+    return checks
+
+
+@pytest.mark.multiproc
+def test_use_mc2_routes_sequence_parallel_linears_through_mc2():
+    from _dist import assert_all_ok, launch
+
+    assert_all_ok(launch(_mc2_model_worker, 2, timeout_s=180))

@@ -46,6 +46,9 @@ def _args(*extra):
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+    (["--use-mc2"], "--use-mc2 .* needs --sequence-parallel"),
+    (["--tokenizer-model", "a.model", "--tokenizer-name-or-path", "dir"], "give one of"),
+    (["--tokenizer-type", "Llama2Tokenizer"], "needs --tokenizer-name-or-path or --tokenizer-model"),
 ])
 def test_refused_combinations(extra, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -140,3 +143,37 @@ def test_plot_metrics_names_file_and_line_of_bad_records(tmp_path):
         mod.read(tmp_path / "missing.jsonl")
     f.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.0}\n', encoding="utf-8")
     assert [r["step"] for r in mod.read(f)] == [1, 2]
+
+
+@pytest.mark.parametrize("flag, ok", [("--use-flash-attn", True), ("--use-fused-rmsnorm", False),
+                                      ("--use-fused-swiglu", False), ("--use-fused-rotary-pos-emb", False)])
+def test_fusion_flags_take_effect_or_are_refused_on_cpu(flag, ok):
+    """On CPU (the reference backend) only attention has a fused kernel (SDPA); asking for the
+    others is refused with the reason instead of silently running the unfused ops."""
+    a = _args("--model", "debug", flag)
+    if ok:
+        k = PT.cli.kernels_of(a, torch.device("cpu"), "pretrain.py")
+        assert k.backend == "reference" and k.fused_attention
+    else:
+        with pytest.raises(SystemExit, match=f"{flag}=True: the reference backend has no"):
+            PT.cli.kernels_of(a, torch.device("cpu"), "pretrain.py")
+
+
+def test_load_hf_starts_from_the_checkpoint_weights_and_reads_its_tokenizer_folder(tmp_path, capsys):
+    """--load-hf (continued pretraining) trains from the HF weights: the first logged loss is the
+    checkpoint's loss on the first batch; --tokenizer-name-or-path reads the SentencePiece folder."""
+    import json
+    base = SHARED / "models" / "stories260K"
+    if not (base / "model.safetensors").exists():
+        pytest.skip("../shared/data/models/stories260K not present (fresh clone)")
+    import pmodel
+    m = tmp_path / "m.jsonl"
+    assert PT.main(["--load-hf", str(base), "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path",
+                    str(base), *BASE, "--train-iters", "1", "--log-interval", "1", "--metrics-file", str(m)]) == 0
+    first = json.loads(m.read_text().splitlines()[0])
+    model, params = pmodel.load_hf(base)
+    ds = PT.MockDataset(model.config.vocab_size, 16, 1234)
+    rows = [ds.sample(i) for i in range(2)]
+    batch = {k: torch.from_numpy(__import__("numpy").stack([r[k] for r in rows])) for k in ("tokens", "labels")}
+    want = float(model.loss(params, batch)[0].detach())
+    assert first["loss"] == pytest.approx(want, rel=1e-6)

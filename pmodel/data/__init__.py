@@ -3,7 +3,8 @@ with chat templates, packing, collation and loading. See ``docs/data.md``."""
 
 from .collate import CollatorConfig, MicroBatchLoader, collate
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype, write_indexed_dataset
-from .instruction import (InstructionDataset, RecordError, alpaca_messages, encode_record,
+from .instruction import (Examples, InstructionDataset, RecordError, alpaca_messages, encode_examples, encode_record,
+                          read_records,
                           greedy_knapsack, pack_examples, sharegpt_messages, shift_example,
                           truncate_turns)
 from .preprocess import PreprocessConfig, PreprocessError, PreprocessReport, preprocess
@@ -23,7 +24,8 @@ __all__ = [
     "IGNORE_INDEX", "Message", "ChatTemplate", "TEMPLATES", "get_template", "render", "render_text",
     "Rendered",
     "RecordError", "alpaca_messages", "sharegpt_messages", "encode_record", "truncate_turns",
-    "shift_example", "greedy_knapsack", "pack_examples", "InstructionDataset",
+    "shift_example", "greedy_knapsack", "pack_examples", "InstructionDataset", "read_records",
+    "encode_examples", "Examples",
     "CollatorConfig", "collate", "MicroBatchLoader",
     "PreprocessConfig", "PreprocessReport", "PreprocessError", "preprocess",
 ]

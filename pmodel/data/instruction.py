@@ -19,6 +19,8 @@ ModelLink writes -- and shifted when batched (``tokens = ids[:-1]``, ``labels = 
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +30,7 @@ from .indexed import IndexedDataset
 from .templates import IGNORE_INDEX, ChatTemplate, Message, Rendered, get_template, render
 from .tokenizers import Tokenizer
 
-__all__ = ["RecordError", "alpaca_messages", "sharegpt_messages", "truncate_turns",
+__all__ = ["read_records", "encode_examples", "Examples", "RecordError", "alpaca_messages", "sharegpt_messages", "truncate_turns",
            "encode_record", "shift_example", "greedy_knapsack", "pack_examples",
            "InstructionDataset"]
 
@@ -207,6 +209,79 @@ def shift_example(ids: Sequence[int], labels: Sequence[int]) -> dict[str, np.nda
     return {"tokens": tokens, "labels": tgt, "loss_mask": (tgt != IGNORE_INDEX).astype(np.float32),
             "position_ids": np.arange(len(tokens), dtype=np.int64),
             "seq_lens": np.asarray([len(tokens)], dtype=np.int64)}
+
+
+def read_records(path: str | Path) -> list:
+    """The records of a raw instruction file: a ``.json`` array or ``.jsonl`` lines.
+
+    Raises:
+      ValueError: naming the file and line of invalid JSON, or a ``.json`` that is not an array.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+class Examples:
+    """Shifted examples in memory, with the ``sample(i)`` / ``len`` a MicroBatchLoader reads."""
+
+    def __init__(self, examples: list):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def sample(self, i: int):
+        return self.examples[i]
+
+
+def encode_examples(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: ChatTemplate | str, *,
+                    style: str = "alpaca", map_keys: Mapping[str, str] | None = None,
+                    seq_length: int | None = None) -> tuple[Examples, dict[str, int]]:
+    """Tokenise and shift raw records into training examples, counting what is skipped.
+
+    Args:
+      records: alpaca / sharegpt objects; tokenizer, template, style, map_keys: as
+        :func:`encode_record`.
+      seq_length: training positions per example at most (later turns are dropped; a record
+        whose first exchange is longer is skipped as ``too_long``).
+
+    Returns:
+      ``(examples, skipped)``; ``skipped`` counts records by reason (a :class:`RecordError`
+      reason, ``too_long`` or ``no_response_tokens``); nothing is dropped without a count.
+    """
+    examples, skipped = [], {}
+    for rec in records:
+        try:  # +1: shifting drops one token
+            r = encode_record(rec, tokenizer, template, style=style, map_keys=map_keys,
+                              max_len=seq_length + 1 if seq_length is not None else None)
+        except RecordError as e:
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            continue
+        if r is None:
+            skipped["too_long"] = skipped.get("too_long", 0) + 1
+            continue
+        ex = shift_example(r.ids, r.labels)
+        if ex["loss_mask"].sum() == 0:
+            skipped["no_response_tokens"] = skipped.get("no_response_tokens", 0) + 1
+            continue
+        examples.append(ex)
+    return Examples(examples), skipped
 
 
 def greedy_knapsack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
