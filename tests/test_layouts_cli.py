@@ -124,14 +124,21 @@ def test_tp2xpp2_distributed_checkpoint_resumes_under_any_layout(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_pp2xdp2_replica_optimizer_equals_one_process_and_resumes_bitwise(tmp_path):
+    """... and evaluates (--eval-interval: the pipeline's forward-only pass, summed over dp) as one
+    process does."""
     ref_file = tmp_path / "ref.jsonl"
-    _single(PRETRAIN, [*COMMON, "--train-iters", "4", "--metrics-file", ref_file])
+    ev = ["--eval-interval", "2", "--eval-iters", "2"]
+    _single(PRETRAIN, [*COMMON, "--train-iters", "4", *ev, "--metrics-file", ref_file])
     ck, straight = tmp_path / "ck", tmp_path / "straight.jsonl"
     flags = ["--train-iters", "4", "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
              "--enable-high-availability"]
-    out = _ranks(PRETRAIN, [*COMMON, *flags, "--save", ck, "--save-interval", "2", "--metrics-file", straight], 4)
+    out = _ranks(PRETRAIN, [*COMMON, *flags, *ev, "--save", ck, "--save-interval", "2", "--metrics-file", straight], 4)
     assert "pp 2 x dp 2 x tp 1" in out, out
     _close(_metrics(straight), _metrics(ref_file), "PP2xDP2 replica vs one process")
+    evals = [[json.loads(x) for x in Path(f).read_text().splitlines() if "eval_loss" in x] for f in (straight, ref_file)]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [2, 4]
+    for g, r in zip(*evals):
+        assert g["eval_tokens"] == r["eval_tokens"] and abs(g["eval_loss"] - r["eval_loss"]) <= RTOL * r["eval_loss"]
     (ck / "latest").write_text("iter_0000002\n")
     again = tmp_path / "again.jsonl"
     _ranks(PRETRAIN, [*COMMON, *flags, "--load", ck, "--metrics-file", again], 4)
