@@ -20,6 +20,7 @@ import torch
 
 from . import ops
 from .ops import Kernels
+from .ops.weights import map_rows
 from .params import P
 
 __all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs", "counted_mask", "count_tokens"]
@@ -52,6 +53,11 @@ class ModelConfig:
       sliding_window: attention window W (a query sees the W most recent positions); None = off.
       pad_vocab_to: pad the embedding / output rows to a multiple of this (Megatron's
         ``--make-vocab-size-divisible-by``); logits are cut back to ``vocab_size``.
+      head_norm: L2-normalise every output-layer row before use, in training and generation
+        (Baichuan2's NormHead); the stored weight stays as trained.
+      position_limit: refuse a forward whose sequence (cache slots included) exceeds this many
+        positions. For a family whose reference changes behaviour past its trained length
+        (Qwen's dynamic NTK and log-n attention scaling), which pmodel does not implement.
       init_std: std of the normal init.
       dtype: parameter / activation dtype.
     """
@@ -81,6 +87,8 @@ class ModelConfig:
     embedding_norm: bool = False
     sliding_window: int | None = None
     pad_vocab_to: int = 1
+    head_norm: bool = False
+    position_limit: int | None = None
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
 
@@ -109,6 +117,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
         if self.position == "rope" and self.rotary_dim % 2:
             raise ValueError(f"ModelConfig: rotary width {self.rotary_dim} must be even")
+        if self.position_limit is not None and self.position_limit <= 0:
+            raise ValueError(f"ModelConfig.position_limit must be positive or None, got {self.position_limit}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
         if self.rope_scaling is not None:
@@ -278,6 +288,10 @@ def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, a
     B, T = tokens.shape
     dev = tokens.device
     start = cache.length if cache is not None else 0
+    if cfg.position_limit is not None and start + T > cfg.position_limit:
+        raise ValueError(f"sequence of {start + T} positions exceeds position_limit={cfg.position_limit}: the "
+                         "reference model changes behaviour past it (e.g. Qwen's dynamic NTK / log-n "
+                         "attention), which pmodel does not implement")
     am = None
     if attention_mask is not None:
         am = attention_mask.to(dev).bool()
@@ -400,7 +414,10 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         return h + _mlp(cfg, p["mlp"], _norm(cfg, p["post_attn_norm"], h, kernels), kernels)
 
     def out_weight(params):
-        return params["embed"]["weight"] if cfg.tie_embeddings else params["lm_head"]["weight"]
+        w = params["embed"]["weight"] if cfg.tie_embeddings else params["lm_head"]["weight"]
+        if cfg.head_norm:  # Baichuan2's NormHead: unit rows (row-local, so vocab shards normalise alone)
+            w = map_rows(w, lambda t: torch.nn.functional.normalize(t, dim=-1))
+        return w
 
     def head(params, h, ctx: Context):
         kernels = ctx.kernels

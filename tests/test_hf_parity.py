@@ -1,6 +1,7 @@
 """pmodel vs Hugging Face transformers on tiny random configs (offline), fp32."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -14,36 +15,66 @@ transformers = pytest.importorskip("transformers")
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             rms_norm_eps=1e-6, attn_implementation="eager")
+V = 96  # every table row uses this vocabulary
+
+# Table of families: name -> (config class, model class, config kwargs). Two tiny configs per
+# family where it has a second shape worth testing (GQA / MQA, non-power-of-two heads, untied
+# output layer, erf GeLU).
+_GPT2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+             attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+_BLOOM = dict(vocab_size=V, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0,
+              attn_implementation="eager")
+_GEMMA = dict(vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
+              attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TABLE = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {**TINY, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**TINY, "sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**TINY, "use_sliding_window": False}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", _GPT2),
+    "gpt2-erf-untied": ("GPT2Config", "GPT2LMHeadModel", {**_GPT2, "activation_function": "gelu",
+                                                          "n_inner": 80, "tie_word_embeddings": False}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", _BLOOM),
+    "bloom-6heads": ("BloomConfig", "BloomForCausalLM", {**_BLOOM, "hidden_size": 48, "n_head": 6}),
+    "gemma-mqa": ("GemmaConfig", "GemmaForCausalLM", _GEMMA),
+    "gemma-mha": ("GemmaConfig", "GemmaForCausalLM", {**_GEMMA, "num_key_value_heads": 4, "head_dim": 16}),
+}
 
 
 def _hf_model(kind: str, **kw):
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**{**TINY, **kw})
-        cls = transformers.LlamaForCausalLM
-    elif kind == "mistral":
-        cfg = transformers.MistralConfig(**{**TINY, "sliding_window": 8, **kw})
-        cls = transformers.MistralForCausalLM
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**{**TINY, "use_sliding_window": False, **kw})
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        raise ValueError(kind)
+    cfg_name, cls_name, base = TABLE[kind]
+    cfg = getattr(transformers, cfg_name)(**{**base, **kw})
+    cls = getattr(transformers, cls_name)
     torch.manual_seed(0)
     m = cls(cfg).float().eval()
     with torch.no_grad():  # make norms and biases non-trivial so the mapping is really tested
         for n, p in m.named_parameters():
-            if "norm" in n or n.endswith("bias"):
+            if "norm" in n or "ln" in n or n.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return m
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen2", "llama-tied"])
+@pytest.fixture(params=list(TABLE))
 def pair(request, tmp_path):
     kind = request.param
-    hf = _hf_model("llama", tie_word_embeddings=True) if kind == "llama-tied" else _hf_model(kind)
+    hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     model, params = pmodel.load_hf(tmp_path / "hf")
     return kind, hf, model, params, tmp_path
+
+
+def _takes_position_ids(hf) -> bool:
+    return "position_ids" in inspect.signature(hf.forward).parameters
+
+
+def _hf_grads_in_pmodel_layout(model, params, hf):
+    """pmodel grads converted to checkpoint keys by the family's layout, with HF's grads."""
+    fam = pmodel.families.get(model.family)
+    decls = dict(tree.paths(model.defs, is_leaf=pmodel.params.is_decl))
+    ours = fam.tensors.to_hf(model.config, {p: t.grad for p, t in tree.paths(params)}, decls)
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    return ours, theirs
 
 
 def _shifted(ids):
@@ -55,7 +86,7 @@ def _shifted(ids):
 def test_logits_equal(pair):
     kind, hf, model, params, _ = pair
     T = 20  # longer than mistral's window of 8
-    ids = torch.randint(0, 96, (2, T))
+    ids = torch.randint(0, V, (2, T))
     with torch.no_grad():
         want = hf(ids).logits
         got = model.apply(params, ids)
@@ -74,8 +105,9 @@ def test_left_padded_batch(pair):
     am[1, :pad] = 0
     ids[1, :pad] = 0
     pos = (am.cumsum(1) - 1).clamp(min=0)
+    kw = {"position_ids": pos} if _takes_position_ids(hf) else {}  # Bloom reads positions from the mask
     with torch.no_grad():
-        want = hf(ids, attention_mask=am, position_ids=pos).logits
+        want = hf(ids, attention_mask=am, **kw).logits
         got = model.apply(params, ids, attention_mask=am)
         alone = model.apply(params, ids[1:, pad:])
     valid = am.bool()
@@ -86,20 +118,19 @@ def test_left_padded_batch(pair):
 
 def test_loss_and_every_gradient(pair):
     kind, hf, model, params, _ = pair
-    ids = torch.randint(0, 96, (2, 16))
+    ids = torch.randint(0, V, (2, 16))
     out = hf(ids, labels=ids)
     out.loss.backward()
     loss, aux = model.loss(params, {"tokens": ids, "labels": _shifted(ids)})
     loss.backward()
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
-    fam = pmodel.families.get(model.family)
-    hf_params = dict(hf.named_parameters())
+    ours, theirs = _hf_grads_in_pmodel_layout(model, params, hf)
+    assert ours.keys() == theirs.keys()
     checked = 0
-    for path, p in tree.paths(params):
-        g_hf = hf_params[fam.hf_key(path)].grad
-        torch.testing.assert_close(p.grad, g_hf, rtol=1e-5, atol=1e-6, msg=lambda m: f"{path}: {m}")
+    for k, g in ours.items():
+        torch.testing.assert_close(g, theirs[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
         checked += 1
-    assert checked == len(tree.leaves(params)) and aux["num_tokens"] == 2 * 15
+    assert checked == len(theirs) and aux["num_tokens"] == 2 * 15
 
 
 def test_export_reload_identical_logits(pair):
@@ -107,7 +138,7 @@ def test_export_reload_identical_logits(pair):
     pmodel.save_hf(model, params, tmp / "out")
     cls = type(hf)
     re = cls.from_pretrained(tmp / "out", attn_implementation="eager").eval()
-    ids = torch.randint(0, 96, (1, 10))
+    ids = torch.randint(0, V, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(re(ids).logits, hf(ids).logits, rtol=0, atol=0)
     cfg = json.loads((tmp / "out" / "config.json").read_text())
@@ -166,3 +197,23 @@ def test_load_errors_name_the_problem(tmp_path):
         pmodel.load_hf(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="config.json"):
         pmodel.load_hf(tmp_path / "nothing")
+
+
+def test_padded_vocab_exports_unpadded_rows(tmp_path):
+    """A Megatron-padded vocabulary (GPT-3 preset) exports vocab_size rows that GPT2LMHeadModel
+    loads with the same logits, and reloads padded again, bitwise."""
+    model = pmodel.families.preset("gpt3-175b", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                                   head_dim=8, ffn_hidden_size=128, vocab_size=V - 5, pad_vocab_to=16,
+                                   max_position_embeddings=64)
+    params = pmodel.init(model, seed=0)
+    assert params["embed"]["weight"].shape[0] == 96
+    pmodel.save_hf(model, params, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert hf.transformer.wte.weight.shape[0] == V - 5
+    ids = torch.randint(0, V - 5, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model.apply(params, ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    m2, p2 = pmodel.load_hf(tmp_path)
+    assert m2.config == model.config
+    w = p2["embed"]["weight"]
+    assert torch.equal(w[: V - 5], params["embed"]["weight"][: V - 5]) and not w[V - 5:].any()

@@ -88,53 +88,56 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
         _check_tokenizer(d, cfg.vocab_size)
     files = read_safetensors_index(d)
 
-    wanted = {p: fam.hf_key(p) for p, _ in tree.paths(model.defs, is_leaf=is_decl)}
-    missing = sorted(k for k in wanted.values() if k not in files)
+    decls = dict(tree.paths(model.defs, is_leaf=is_decl))
+    layout = fam.tensors
+    wanted = layout.leaves(decls)  # checkpoint key -> the pmodel leaves it holds
+    missing = sorted(k for k in wanted if k not in files)
     if missing:
         raise KeyError(f"{d}: checkpoint lacks {len(missing)} tensors the {fam.name} config needs, "
                        f"e.g. {missing[:5]}")
-    used = set(wanted.values())
-    extra = sorted(k for k in files if k not in used and not k.endswith(fam.ignore_hf_keys)
-                   and not (cfg.tie_embeddings and k == "lm_head.weight"))
+    extra = sorted(k for k in files if k not in wanted and not k.endswith(fam.ignore_hf_keys)
+                   and not (cfg.tie_embeddings and k == layout.hf_module("lm_head.weight")))
     if extra and strict:
         raise KeyError(f"{d}: checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[:5]} "
                        "(pass strict=False to ignore them)")
 
     handles: dict[Path, object] = {}
-    n_leaves = len(wanted)
     if progress is None:
-        progress = sum(d.numel for d in tree.leaves(model.defs, is_leaf=is_decl)) * 2 > 2**30
-    bar = tqdm(total=n_leaves, desc=f"load {d.name}", unit="tensor", disable=not progress)
-    try:
-        def read(path_: str, decl):
-            bar.update(1)
-            key = wanted[path_]
-            f = files[key]
-            if f not in handles:
-                handles[f] = safe_open(f, framework="pt")
-            t = handles[f].get_tensor(key)
-            if tuple(t.shape) != decl.shape:
-                raise ValueError(f"{f.name}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                 f"expected {decl.shape} for {path_}")
-            t = t.to(dtype=decl.dtype or cfg.dtype, device=device).contiguous()
-            return t.requires_grad_(decl.trainable and t.is_floating_point())
+        progress = sum(x.numel for x in decls.values()) * 2 > 2**30
+    bar = tqdm(total=len(wanted), desc=f"load {d.name}", unit="tensor", disable=not progress)
 
-        params = tree.map_with_path(read, model.defs, is_leaf=is_decl)
+    def read(key: str) -> torch.Tensor:
+        bar.update(1)
+        f = files[key]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        return handles[f].get_tensor(key)
+
+    try:
+        flat = layout.from_hf(cfg, decls, read, where=str(d))
     finally:
         handles.clear()
         bar.close()
+
+    def leaf(path_: str, decl):
+        t = flat[path_].to(dtype=decl.dtype or cfg.dtype, device=device).contiguous()
+        return t.requires_grad_(decl.trainable and t.is_floating_point())
+
+    params = tree.map_with_path(leaf, model.defs, is_leaf=is_decl)
     return model, params
 
 
 def hf_state_dict(model: Model, params) -> dict[str, torch.Tensor]:
-    """HF key -> tensor for ``params`` (plain tensors only: merge LoRA / gather shards first)."""
+    """HF key -> tensor for ``params`` (plain tensors only: merge LoRA / gather shards first),
+    in the family's checkpoint layout (fused, interleaved, transposed, vocab rows cut)."""
     fam = families.get(model.family or "llama")
-    out = {}
+    flat = {}
     for p, t in tree.paths(params):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"save_hf: leaf {p} is {type(t).__name__}; merge or gather it to a plain tensor first")
-        out[fam.hf_key(p)] = t.detach()
-    return out
+        flat[p] = t.detach()
+    decls = dict(tree.paths(model.defs, is_leaf=is_decl))
+    return fam.tensors.to_hf(model.config, flat, decls)
 
 
 def save_hf(model: Model, params, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
@@ -148,6 +151,7 @@ def save_hf(model: Model, params, out_dir: str | os.PathLike, *, max_shard_bytes
     out.mkdir(parents=True, exist_ok=True)
     fam = families.get(model.family or "llama")
     cfg = model.config if dtype is None else model.config.replace(dtype=dtype)
+    hf_config = fam.config_to_hf(cfg)  # refuses what the family cannot express, before writing
     sd = {k: v.to(cfg.dtype).contiguous().cpu() for k, v in hf_state_dict(model, params).items()}
 
     shards: list[dict] = [{}]
@@ -173,5 +177,5 @@ def save_hf(model: Model, params, out_dir: str | os.PathLike, *, max_shard_bytes
             wm.update({k: name for k in s})
         total = sum(v.numel() * v.element_size() for v in sd.values())
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
-    (out / "config.json").write_text(json.dumps(fam.config_to_hf(cfg), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out

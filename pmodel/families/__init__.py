@@ -11,6 +11,8 @@ Entry points:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import types
 from pathlib import Path
@@ -18,8 +20,13 @@ from typing import Callable
 
 from ..model import Model, ModelConfig, build
 from ..ops import Kernels
+from .tensors import Map, TensorLayout
 
-__all__ = ["Family", "preset", "preset_config", "presets", "config_from_hf", "get", "for_hf_type", "names"]
+__all__ = ["Family", "Map", "TensorLayout", "preset", "preset_config", "presets", "config_from_hf", "get",
+           "for_hf_type", "names", "FAMILY_MODULES"]
+
+# The registry is data: every module listed here exports ``FAMILIES`` (a tuple of Family).
+FAMILY_MODULES = ("llama", "qwen2", "gpt2", "bloom", "gemma", "internlm", "baichuan", "qwen", "chatglm")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,10 +39,13 @@ class Family:
       hf_architecture: the ``architectures`` entry written on export.
       config_from_hf: ``dict -> ModelConfig``.
       config_to_hf: ``ModelConfig -> dict`` (config.json contents).
-      names: ``(pmodel_path_template, hf_key_template)`` pairs; ``{i}`` is the layer index.
+      names: the checkpoint tensor layout, one entry per module: :class:`~.tensors.Map`
+        (renames, fused modules and their row order, per-head interleave, transposes) or a
+        ``(pmodel_template, hf_template)`` pair for a rename; ``{i}`` is the layer index.
       chat_template: default chat template name (see :mod:`pmodel.data`).
       presets: name -> ModelConfig, each citing its source in the family module.
       ignore_hf_keys: HF key suffixes that are derived buffers, not parameters.
+      reference: where its numerics are verified (documentation).
     """
 
     name: str
@@ -47,29 +57,27 @@ class Family:
     chat_template: str = "default"
     presets: types.MappingProxyType = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
     ignore_hf_keys: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    reference: str = ""
+
+    @functools.cached_property
+    def tensors(self) -> TensorLayout:
+        """The compiled tensor layout (names, fusions, transposes; see :mod:`.tensors`)."""
+        return TensorLayout(self.name, self.names)
 
     def hf_key(self, path: str) -> str:
-        """HF checkpoint key for a pmodel parameter path (``layers.3.attn.q_proj.weight``)."""
-        parts = path.split(".")
-        idx = None
-        if parts[0] == "layers":
-            idx, parts = parts[1], ["layers", "{i}"] + parts[2:]
-        templ = ".".join(parts)
-        for ours, theirs in self.names:
-            if templ == ours:
-                return theirs.format(i=idx)
-            if templ.startswith(ours + "."):
-                return theirs.format(i=idx) + templ[len(ours):]
-        raise KeyError(f"family {self.name!r} has no HF name for parameter {path!r}")
+        """HF checkpoint key holding a pmodel parameter (``layers.3.attn.q_proj.weight``);
+        for a fused module it is the fused tensor (use :attr:`tensors` to split it)."""
+        return self.tensors.hf_module(path)
 
 
-def _registry() -> dict[str, Family]:
-    from . import llama, qwen2
+def _registry() -> types.MappingProxyType:
     fams = {}
-    for mod in (llama, qwen2):
-        for fam in mod.FAMILIES:
+    for modname in FAMILY_MODULES:
+        for fam in importlib.import_module(f"{__name__}.{modname}").FAMILIES:
+            if fam.name in fams:
+                raise ValueError(f"family {fam.name!r} is registered twice")
             fams[fam.name] = fam
-    return fams
+    return types.MappingProxyType(fams)
 
 
 def get(name: str) -> Family:

@@ -45,3 +45,38 @@ def activation(act: str) -> str:
     if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
         return "geglu"
     raise ValueError(f"unsupported gated activation {act!r} (expected silu or a gelu variant)")
+
+
+def require(c, arch: str, **expected) -> None:
+    """Raise when ``ModelConfig`` ``c`` differs from what checkpoint class ``arch`` can express.
+
+    Args:
+      expected: field -> required value, or a callable ``value -> bool``.
+    """
+    bad = []
+    for k, want in expected.items():
+        got = getattr(c, k)
+        ok = want(got) if callable(want) else got == want
+        if not ok:
+            bad.append(f"{k}={got!r}" + ("" if callable(want) else f" (needs {want!r})"))
+    if bad:
+        raise ValueError(f"{arch} cannot express these ModelConfig settings: {', '.join(bad)}")
+
+
+def unsupported(d: dict, arch: str, **allowed) -> None:
+    """Raise when an HF config.json sets a key to a value pmodel does not implement.
+
+    Args:
+      allowed: key -> value(s) accepted (a tuple of values, or a callable); a missing key passes.
+    """
+    bad = []
+    for k, ok in allowed.items():
+        if k not in d:
+            continue
+        v = d[k]
+        good = ok(v) if callable(ok) else v in (ok if isinstance(ok, tuple) else (ok,))
+        if not good:
+            bad.append(f"{k}={v!r}")
+    if bad:
+        raise ValueError(f"{arch} config.json: unsupported settings {', '.join(bad)} (pmodel implements "
+                         f"{', '.join(f'{k} in {v}' if not callable(v) else k for k, v in allowed.items())})")

@@ -166,12 +166,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
     if hkv != hq:
         kh = kh.repeat_interleave(hq // hkv, dim=1)
         vh = vh.repeat_interleave(hq // hkv, dim=1)
+    if mask is None and causal and q.shape[1] != k.shape[1]:
+        raise ValueError("attention: causal without a mask needs T == S")
     attn_mask = mask
     if bias is not None:
+        if mask is None and causal:  # SDPA takes is_causal or attn_mask, not both: fold causality in
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()[None, None]
         b = bias.to(q.dtype)
         attn_mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-    if attn_mask is None and causal and q.shape[1] != k.shape[1]:
-        raise ValueError("attention: causal without a mask needs T == S")
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask,
                                          is_causal=causal and attn_mask is None, scale=scale)
     return out.transpose(1, 2)
