@@ -8,13 +8,16 @@ whose RNG and memory functions share one calling convention. Besides the CUDA ke
 """
 from __future__ import annotations
 
+import random
 import resource
 import sys
 import types
 
+import numpy as np
 import torch
 
-__all__ = ["synchronize", "peak_memory_bytes", "reset_peak_memory", "rng_state", "set_rng_state"]
+__all__ = ["synchronize", "peak_memory_bytes", "reset_peak_memory", "rng_state", "set_rng_state",
+           "set_deterministic"]
 
 DeviceLike = torch.device | str
 
@@ -113,3 +116,31 @@ def set_rng_state(state: torch.Tensor, device: DeviceLike) -> None:
         torch.set_rng_state(state)
     else:
         _module(device).set_rng_state(state, device)
+
+
+def set_deterministic(seed: int, device: DeviceLike) -> None:
+    """Deterministic computation in this process (ModelLink's ``--use-deter-comp``).
+
+    Seeds Python's ``random``, NumPy's global generator, torch's CPU generator and ``device``'s
+    from ``seed``; makes torch refuse nondeterministic kernels (``torch.use_deterministic_algorithms``,
+    which also selects the deterministic variants of scatter / index_add / embedding backward on
+    CUDA and NPU); turns cuDNN autotuning off and its deterministic algorithms on.
+
+    What must be set before the device libraries start is the launcher's job, and the script
+    does it: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for deterministic cuBLAS on CUDA,
+    ``HCCL_DETERMINISTIC=true`` for deterministic HCCL reductions on NPU. Fixed-order
+    data-parallel reductions are :func:`pmodel.parallel.parallelize`'s ``deterministic=True``.
+
+    Args:
+      seed: the run seed.
+      device: the device the run computes on.
+    """
+    device = _device(device)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.type != "cpu":
+        _module(device).manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -161,7 +161,8 @@ def _seq_len(batch) -> int:
 def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterator], *, loop: LoopConfig,
           evaluate: Callable | None = None, eval_data: Callable[[], Iterable] | None = None,
           save: Callable | None = None, state: TrainState | None = None, config: ModelConfig | None = None,
-          lead: bool = True, log: Callable[[str], None] | None = None) -> tuple[Any, Any, TrainState, list[dict]]:
+          lead: bool = True, log: Callable[[str], None] | None = None,
+          profiler=None) -> tuple[Any, Any, TrainState, list[dict]]:
     """Run the training loop from ``state`` until ``loop.train_iters``.
 
     Args:
@@ -179,6 +180,9 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
       config: the model config, for MFU (with ``loop.peak_flops``).
       lead: this rank prints, shows the progress bar and writes metrics.
       log: line logger (default: print, or tqdm.write while the progress bar is shown).
+      profiler: a :class:`pmodel.profiling.StepProfiler` (on the ranks that profile): it records
+        its window of steps (numbered like Megatron's iteration: the steps done before it runs)
+        and writes its trace when the window ends, or at the end of the loop.
 
     Returns:
       ``(params, opt_state, state, history)``; ``history`` is the list of logged metric dicts.
@@ -237,7 +241,14 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
             except StopIteration:
                 raise RuntimeError(f"training data ran out at iteration {state.step} "
                                    f"({state.consumed_samples} samples consumed)") from None
-            params, opt_state, m = step(params, opt_state, batch)
+            k = state.step
+            if profiler is not None:
+                profiler.begin(k)
+                with profiler.annotate(k):
+                    params, opt_state, m = step(params, opt_state, batch)
+                profiler.end(k, device)
+            else:
+                params, opt_state, m = step(params, opt_state, batch)
             ran = True
             state.step += 1
             state.consumed_samples += m["samples"]
@@ -282,6 +293,8 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
         if save is not None and ran and saved_at != state.step:
             do_save()
     finally:
+        if profiler is not None:
+            profiler.close(device)
         if bar is not None:
             bar.close()
         if metrics_file is not None:

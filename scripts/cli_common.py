@@ -114,6 +114,10 @@ def add_parallel_flags(ap) -> None:
     g.add_argument("--pipeline-schedule", choices=("1f1b", "interleaved", "zero-bubble"),
                    help="default: interleaved with virtual stages, else 1f1b")
     g.add_argument("--device", default="cpu", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device)")
+    g.add_argument("--use-deter-comp", action="store_true",
+                   help="deterministic computation: every RNG seeded from --seed, deterministic kernels only, "
+                        "data-parallel sums in a fixed rank order (and CUBLAS_WORKSPACE_CONFIG / HCCL_DETERMINISTIC "
+                        "set for cuda / npu): two runs give the same bits")
 
 
 def add_kernel_flags(ap) -> None:
@@ -136,12 +140,101 @@ def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
         g.add_argument("--save", help="checkpoint root")
         g.add_argument("--load", help="resume from the latest checkpoint under this root (any parallel layout)")
         g.add_argument("--save-interval", type=int)
+        g.add_argument("--no-load-optim", action="store_true",
+                       help="--load reads the parameters only; the optimizer starts fresh from them (needed for a "
+                            "checkpoint converted from Hugging Face, which holds no optimizer state)")
+        g.add_argument("--no-load-rng", action="store_true", help="--load keeps this run's seeds")
+        g.add_argument("--finetune", action="store_true",
+                       help="--load the parameters only and start at iteration 0 (no optimizer, RNG, position)")
     g.add_argument("--log-interval", type=int, default=log_interval)
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, help="batches per evaluation (needs --eval-interval; default 100)")
     g.add_argument("--metrics-file", help="JSON-lines metrics (default: <save>/metrics.jsonl when --save)")
     g.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, to report MFU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_profile_flags(ap) -> None:
+    g = ap.add_argument_group("profiling (ModelLink names; torch.profiler on cpu/cuda, torch_npu.profiler on npu)")
+    g.add_argument("--profile", action="store_true", help="record a window of steps: a Chrome trace per profiled rank "
+                                                          "and a printed table of the most expensive ops")
+    g.add_argument("--profile-step-start", type=int, default=0,
+                   help="first recorded step, numbered like Megatron's iteration (0 = the first step; the log line "
+                        "'iter k+1' reports step k)")
+    g.add_argument("--profile-step-end", type=int, default=-1,
+                   help="first step not recorded (exclusive); -1 = through the last step")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks to profile; -1 = all")
+    g.add_argument("--profile-level", choices=("level0", "level1", "level2"), default="level0",
+                   help="level0: op / kernel timeline; level1: + FLOPs (NPU: AscendCL, AI Core metrics); "
+                        "level2: NPU only (+ runtime, AI CPU)")
+    g.add_argument("--profile-with-cpu", action="store_true", help="accelerator runs: also record CPU-side ops")
+    g.add_argument("--profile-with-stack", action="store_true", help="record Python stacks")
+    g.add_argument("--profile-with-memory", action="store_true", help="record tensor allocations")
+    g.add_argument("--profile-record-shapes", action="store_true", help="record operator input shapes")
+    g.add_argument("--profile-save-path", default="./profile", help="output folder")
+
+
+def profile_config(args, prog: str):
+    """The :class:`pmodel.profiling.ProfileConfig` of the flags, or None without --profile."""
+    if not getattr(args, "profile", False):
+        return None
+    from pmodel.profiling import ProfileConfig
+    end = args.train_iters if args.profile_step_end == -1 else args.profile_step_end
+    try:
+        return ProfileConfig(step_start=args.profile_step_start, step_end=end, level=args.profile_level,
+                             with_cpu=args.profile_with_cpu, with_stack=args.profile_with_stack,
+                             with_memory=args.profile_with_memory, record_shapes=args.profile_record_shapes,
+                             save_path=args.profile_save_path)
+    except ValueError as e:
+        refuse(prog, profile_message(str(e)))
+
+
+def profile_message(msg: str) -> str:
+    for k, f in (("ProfileConfig.step_start", "--profile-step-start"), ("ProfileConfig.step_end", "--profile-step-end"),
+                 ("step_start", "--profile-step-start"), ("step_end", "--profile-step-end"),
+                 ("with_cpu", "--profile-with-cpu"), ("level2", "--profile-level level2"),
+                 ("ProfileConfig.level", "--profile-level"), ("StepProfiler: ", "")):
+        msg = msg.replace(k, f)
+    return msg
+
+
+def validate_profile(args, prog: str, device_type: str, world: int) -> None:
+    """Refuse profiling flags that could not take effect."""
+    if not hasattr(args, "profile"):
+        return
+    d = {"profile_step_start": 0, "profile_step_end": -1, "profile_ranks": [0], "profile_level": "level0",
+         "profile_with_cpu": False, "profile_with_stack": False, "profile_with_memory": False,
+         "profile_record_shapes": False, "profile_save_path": "./profile"}
+    if not args.profile:
+        given = ["--" + k.replace("_", "-") for k, v in d.items() if getattr(args, k) != v]
+        if given:
+            refuse(prog, f"{', '.join(given)} configure --profile; without it nothing is profiled")
+        return
+    end = args.train_iters if args.profile_step_end == -1 else args.profile_step_end
+    if end > args.train_iters:
+        refuse(prog, f"--profile-step-end {end}: the run stops after --train-iters {args.train_iters} steps, so "
+                     f"steps {args.train_iters}..{end - 1} would never be recorded")
+    cfg = profile_config(args, prog)
+    bad = [r for r in args.profile_ranks if r != -1 and not 0 <= r < world]
+    if bad or (-1 in args.profile_ranks and len(args.profile_ranks) > 1):
+        refuse(prog, f"--profile-ranks {' '.join(map(str, args.profile_ranks))}: ranks must be in 0..{world - 1} "
+                     "(or -1 alone for every rank)")
+    from pmodel.profiling import profile_problems
+    problems = profile_problems(cfg, device_type)
+    if problems:
+        refuse(prog, profile_message("; ".join(problems)).replace("on cpu", "on --device cpu"))
+
+
+def profiler_of(args, launch):
+    """This rank's :class:`pmodel.profiling.StepProfiler`, or None (not profiling / not a profiled rank)."""
+    cfg = profile_config(args, launch.prog)
+    if cfg is None or not (-1 in args.profile_ranks or launch.rank in args.profile_ranks):
+        return None
+    from pmodel.profiling import StepProfiler
+    try:
+        return StepProfiler(cfg, rank=launch.rank, device_type=launch.device.type)
+    except (ValueError, RuntimeError) as e:
+        refuse(launch.prog, profile_message(str(e)))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -179,6 +272,9 @@ def validate_common(args, prog: str) -> None:
         no("--accumulate-allreduce-grads-in-fp32 needs --bf16 or --fp16 (fp32 gradients already are fp32)")
     if getattr(args, "save_interval", None) is not None and not args.save:
         no("--save-interval needs --save")
+    for flag in ("no_load_optim", "no_load_rng", "finetune"):
+        if getattr(args, flag, False) and not args.load:
+            no(f"--{flag.replace('_', '-')} says what --load reads; it needs --load")
     if args.tokenizer_model and args.tokenizer_name_or_path:
         no("give one of --tokenizer-model and --tokenizer-name-or-path (both name the tokenizer)")
     tok = args.tokenizer_model or args.tokenizer_name_or_path
@@ -212,6 +308,7 @@ def validate_common(args, prog: str) -> None:
     if args.pipeline_schedule in ("1f1b", "zero-bubble") and v is not None:
         no(f"--num-layers-per-virtual-pipeline-stage makes virtual stages, which only the interleaved schedule "
            f"runs; --pipeline-schedule {args.pipeline_schedule} would ignore them")
+    validate_profile(args, prog, torch.device(args.device).type, world_size())
     parallel = (args.tensor_model_parallel_size > 1 or pp > 1 or args.use_distributed_optimizer
                 or args.overlap_grad_reduce)
     if parallel and world_size() == 1 and (args.tensor_model_parallel_size > 1 or pp > 1 or args.overlap_grad_reduce):
@@ -287,6 +384,20 @@ class Launch:
         self.device = dev
         self.prog = prog
         self.mesh = None
+        if getattr(args, "use_deter_comp", False):
+            self.deterministic(args.seed)
+
+    def deterministic(self, seed: int) -> None:
+        """--use-deter-comp: the environment the device libraries read when they start (set here,
+        before any of them does), then :func:`pmodel.device.set_deterministic`."""
+        need = {"cuda": {"CUBLAS_WORKSPACE_CONFIG": (":4096:8", ":16:8")},
+                "npu": {"HCCL_DETERMINISTIC": ("true", "True", "1")}}.get(self.device.type, {})
+        for var, ok in need.items():
+            if os.environ.get(var, ok[0]) not in ok:
+                refuse(self.prog, f"--use-deter-comp: {var}={os.environ[var]} is not deterministic; unset it or "
+                                  f"use {ok[0]}")
+            os.environ[var] = os.environ.get(var, ok[0])
+        pmodel.device.set_deterministic(seed, self.device)
 
     @property
     def lead(self) -> bool:
@@ -377,7 +488,8 @@ def build_plan(args, launch: Launch, model, tx, lay: dict, *, max_grad_norm, pol
                                distributed_optimizer=args.use_distributed_optimizer,
                                overlap_grad_reduce=args.overlap_grad_reduce,
                                high_availability=args.enable_high_availability, max_grad_norm=max_grad_norm,
-                               policy=policy, micro_batch_hook=hook)
+                               policy=policy, micro_batch_hook=hook,
+                               deterministic=getattr(args, "use_deter_comp", False))
     except (ValueError, NotImplementedError) as e:
         refuse(launch.prog, flag_message(str(e)))
 
@@ -392,18 +504,37 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
     cfg_dict = plan.model.config.to_dict()
     state = TrainState()
     if getattr(args, "load", None):
+        params_only = args.no_load_optim or args.finetune
         try:
-            got = plan.load_checkpoint(args.load, params, opt_state, config=cfg_dict)
+            got = plan.load_checkpoint(args.load, params, None if params_only else opt_state, config=cfg_dict,
+                                       restore_rng_state=not (args.no_load_rng or args.finetune), cast_dtype=True)
         except CheckpointError as e:
-            refuse(launch.prog, str(e))
+            msg = str(e)
+            if "no optimizer state" in msg or "no optimizer-state" in msg:
+                msg += " (a checkpoint converted from Hugging Face holds parameters only: add --no-load-optim)"
+            refuse(launch.prog, msg)
         if got is None:
             launch.say(f"no checkpoint under --load {args.load}; starting from scratch")
         else:
-            params, opt_state, man = got
-            state = TrainState(step=man["step"], consumed_samples=int(man["data"]["consumed_samples"]))
-            note = "" if man["rng_restored"] else " (saved under another layout: resharded; RNG states not restored)"
-            launch.say(f"resumed from {man['dir']} at iteration {state.step} ({state.consumed_samples} samples "
-                       f"consumed){note}")
+            params, loaded_state, man = got
+            if params_only:
+                opt_state = plan.tx.init(params)  # fp32 main weights from the loaded params
+            else:
+                opt_state = loaded_state
+            if not args.finetune:
+                state = TrainState(step=man["step"], consumed_samples=int((man["data"] or {}).get("consumed_samples", 0)))
+            if man["rng_restored"]:
+                note = ""
+            elif args.no_load_rng or args.finetune:
+                note = " (RNG states not restored: --no-load-rng / --finetune)"
+            elif not man["same_layout"]:
+                note = " (saved under another layout: resharded; RNG states not restored)"
+            else:
+                note = " (the checkpoint holds no RNG states: this run keeps its own seeds)"
+            if man.get("cast_from"):
+                note += f" (parameters cast from {man['cast_from']})"
+            launch.say(f"{'loaded' if args.finetune else 'resumed from'} {man['dir']} at iteration {state.step} "
+                       f"({state.consumed_samples} samples consumed){' parameters only' if params_only else ''}{note}")
     if save is None and getattr(args, "save", None):
         def save(st, p, o):
             return plan.save_checkpoint(args.save, st.step, p, o, config=cfg_dict,
@@ -416,7 +547,7 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
                       world_size=launch.world)
     return train(plan.step, params, opt_state, train_data, loop=loop,
                  evaluate=plan.evaluate if eval_data is not None else None, eval_data=eval_data, save=save,
-                 state=state, config=config, lead=launch.lead)
+                 state=state, config=config, lead=launch.lead, profiler=profiler_of(args, launch))
 
 
 def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_samples=None):

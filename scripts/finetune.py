@@ -92,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_parallel_flags(t)
     cli.add_kernel_flags(t)
     cli.add_loop_flags(t, log_interval=1, checkpoints=False)
+    cli.add_profile_flags(t)
     g = t.add_argument_group("output")
     g.add_argument("--save-interval", type=int, default=None,
                    help="also write the adapter / HF checkpoint to <save>/iter_N every N iterations")

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_parallel_flags(ap)
     cli.add_kernel_flags(ap)
     cli.add_loop_flags(ap)
+    cli.add_profile_flags(ap)
     return ap
 
 
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                    f"{args.enable_high_availability}")
         t0 = time.perf_counter()
         _, _, state, hist = cli.run(args, launch, plan, params, opt_state, train_data, eval_data=eval_data,
-                                    config=cfg, extra={"args": vars(args)})
+                                    config=cfg, extra={"args": vars(args), "family": family})
         logs = [h for h in hist if "loss" in h]
         launch.say(f"done: {state.step} iterations, {state.consumed_samples} samples, final loss "
                    f"{logs[-1]['loss'] if logs else float('nan'):.4f}, {time.perf_counter() - t0:.1f}s")

@@ -35,6 +35,7 @@ returned manifest says so (``"rng_restored": False``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -48,7 +49,8 @@ from .. import tree
 from .state import (LATEST, CheckpointError, _fsync_path, _write_safetensors, capture_rng, config_diff, latest,
                     restore_rng)
 
-__all__ = ["FORMAT", "LeafSpec", "save", "load", "latest", "CheckpointError"]
+__all__ = ["FORMAT", "LeafSpec", "save", "load", "latest", "CheckpointError", "FullCheckpoint", "read_full",
+           "write_full"]
 
 FORMAT = "pmodel-sharded-checkpoint"
 VERSION = 1
@@ -181,31 +183,39 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
     _barrier(world)
     final = root / folder
     if rank == 0:
-        man = {"format": FORMAT, "version": VERSION, "step": int(step), "world_size": int(world),
-               "mesh": mesh_sizes or {}, "config": config, "data": data or {}, "scalars": scalars,
-               "extra": extra or {}, "ranks": world}
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
-        _fsync_path(tmp / "manifest.json")
-        _fsync_path(tmp)
-        old = None
-        if final.exists():  # re-saving a step: move the old one aside, drop it once the new one is in place
-            old = root / f".tmp-old-{folder}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        lt = root / ".tmp-latest"
-        lt.write_text(folder + "\n")
-        _fsync_path(lt)
-        os.replace(lt, root / LATEST)  # the pointer moves last
-        _fsync_path(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        if keep_last is not None:
-            done = sorted(d for d in root.glob("iter_*") if d.is_dir())
-            for d in done[:-keep_last]:
-                if d != final:
-                    shutil.rmtree(d, ignore_errors=True)
+        _commit(root, tmp, folder, {"step": int(step), "world_size": int(world), "mesh": mesh_sizes or {},
+                                    "config": config, "data": data or {}, "scalars": scalars, "extra": extra or {},
+                                    "ranks": world}, keep_last)
     _barrier(world)
+    return final
+
+
+def _commit(root: Path, tmp: Path, folder: str, manifest: dict, keep_last: int | None) -> Path:
+    """Write the manifest into ``tmp``, rename it to ``root/folder`` and move ``latest`` (the
+    atomic end of every save: a crash before the rename leaves the previous checkpoint)."""
+    final = root / folder
+    man = {"format": FORMAT, "version": VERSION, **manifest}
+    (tmp / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
+    _fsync_path(tmp / "manifest.json")
+    _fsync_path(tmp)
+    old = None
+    if final.exists():  # re-saving a step: move the old one aside, drop it once the new one is in place
+        old = root / f".tmp-old-{folder}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    lt = root / ".tmp-latest"
+    lt.write_text(folder + "\n")
+    _fsync_path(lt)
+    os.replace(lt, root / LATEST)  # the pointer moves last
+    _fsync_path(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        done = sorted(d for d in root.glob("iter_*") if d.is_dir())
+        for d in done[:-keep_last]:
+            if d != final:
+                shutil.rmtree(d, ignore_errors=True)
     return final
 
 
@@ -276,17 +286,20 @@ class _Source:
 def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = None,
          piece_of: Callable[[str, torch.Tensor], tuple | None] | None = None, rank: int = 0, world: int = 1,
          mesh_sizes: dict | None = None, config: dict | None = None, path: str | os.PathLike | None = None,
-         restore_rng_state: bool = True):
+         restore_rng_state: bool = True, cast_dtype: bool = False):
     """Fill ``params`` / ``opt_state`` (templates: this rank's freshly built tensors) in place from
     the latest checkpoint under ``root`` (or the folder ``path``), under any layout.
 
     Args: as :func:`save` (``specs`` / ``piece_of`` describe *this* run's layout); ``path`` loads
     that checkpoint folder instead of the latest; ``restore_rng_state=False`` leaves the RNGs
-    alone (e.g. to evaluate a checkpoint mid-run).
+    alone (e.g. to evaluate a checkpoint mid-run); ``cast_dtype=True`` accepts a checkpoint whose
+    config differs from ``config`` only in ``dtype`` (parameters are cast on load, as Megatron
+    loads an fp16 checkpoint into a bf16 run; fp32 optimizer state is unaffected).
 
     Returns:
-      ``(params, opt_state, manifest)`` (the manifest gains ``"dir"`` and ``"rng_restored"``),
-      or None when ``root`` holds no checkpoint.
+      ``(params, opt_state, manifest)`` (the manifest gains ``"dir"``, ``"rng_restored"``,
+      ``"same_layout"`` (same world size and mesh) and ``"cast_from"`` (the checkpoint's dtype
+      when it was cast, else None)), or None when ``root`` holds no checkpoint.
 
     Raises:
       CheckpointError: naming the file and the leaf or key, for another model config, missing
@@ -302,6 +315,9 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
     if man.get("format") != FORMAT:
         raise CheckpointError(f"{mf} is a {man.get('format')!r} checkpoint, not {FORMAT!r}")
     diff = config_diff(man.get("config"), config)
+    cast_from = None
+    if cast_dtype and diff and all(x.startswith("dtype:") for x in diff):
+        cast_from, diff = man["config"]["dtype"], []
     if diff:
         raise CheckpointError(f"{mf} was saved for another model config; differing fields: " + "; ".join(diff))
     specs = specs if specs is not None else full_specs(params)
@@ -357,15 +373,153 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
                 opt_state = tree.map_with_path(lambda q, x: filled.get(q, x), opt_state,
                                                is_leaf=lambda x: x is None)
     same = man.get("world_size") == world and (man.get("mesh") or {}) == (mesh_sizes or {})
+    restored = False
     if restore_rng_state and same and rank in src.rank_meta:
         f = src.rank_meta[rank]["file"]
         with safe_open(str(f), framework="pt") as h:
             rng_t = {k[len("rng/"):]: h.get_tensor(k) for k in h.keys() if k.startswith("rng/")}
-        device = next((t.device for t in leaves.values() if isinstance(t, torch.Tensor)), None)
-        restore_rng(rng_t, src.rank_meta[rank]["rng"], device)
-    man = dict(man, dir=str(d), rng_restored=bool(restore_rng_state and same))
+        # A converted checkpoint (write_full) carries no RNG state: nothing to restore.
+        if rng_t:
+            device = next((t.device for t in leaves.values() if isinstance(t, torch.Tensor)), None)
+            restore_rng(rng_t, src.rank_meta[rank]["rng"], device)
+            restored = True
+    man = dict(man, dir=str(d), rng_restored=restored, same_layout=same, cast_from=cast_from)
     return params, opt_state, man
 
 
 def _keys(src: _Source) -> list[str]:
     return sorted({k[1] for k in src.by if k[0] == "state"})
+
+
+# ----------------------------------------------------------------------------- offline conversion
+@dataclasses.dataclass
+class FullCheckpoint:
+    """A checkpoint as whole (single-process layout) tensors named by global path: what
+    :func:`read_full` assembles and :func:`write_full` cuts into any layout's pieces.
+
+    Attributes:
+      params: ``{global param path: full tensor}``.
+      state: ``{(state key, global param path): full tensor}`` (Adam moments, fp32 main weights).
+      globals: ``{state path: tensor}`` for state leaves that mirror no parameter (step counters).
+      scalars: ``{state path: python value}`` (non-tensor optimizer state).
+      manifest: the source manifest (``{}`` for one built from other formats).
+    """
+
+    params: dict
+    state: dict = dataclasses.field(default_factory=dict)
+    globals: dict = dataclasses.field(default_factory=dict)
+    scalars: dict = dataclasses.field(default_factory=dict)
+    manifest: dict = dataclasses.field(default_factory=dict)
+
+
+def read_full(path, *, state: bool = True) -> FullCheckpoint:
+    """Assemble every leaf of a checkpoint into whole tensors, whatever layout wrote it.
+
+    Args:
+      path: a checkpoint folder (``iter_*``) or a root (its latest checkpoint).
+      state: also read the optimizer state (False: params only).
+
+    Returns:
+      a :class:`FullCheckpoint` (``manifest`` gains ``"dir"``).
+
+    Raises:
+      CheckpointError: not a checkpoint of this format, or pieces that do not cover a leaf.
+    """
+    p = Path(path)
+    d = p if (p / "manifest.json").is_file() else latest(p)
+    if d is None:
+        raise CheckpointError(f"{p}: no {FORMAT} checkpoint here (no manifest.json, no latest)")
+    man = json.loads((d / "manifest.json").read_text())
+    if man.get("format") != FORMAT:
+        raise CheckpointError(f"{d / 'manifest.json'} is a {man.get('format')!r} checkpoint, not {FORMAT!r}")
+    src = _Source(d)
+    out = FullCheckpoint(params={}, manifest=dict(man, dir=str(d)), scalars=dict(man.get("scalars", {})))
+    for k, entries in sorted(src.by.items()):
+        if k[0] == "global":
+            if state:
+                out.globals[k[1]] = src.tensor(entries[0])
+            continue
+        if k[0] == "state" and not state:
+            continue
+        shape = tuple(entries[0]["shape"])
+        full = src.assemble(k, shape, tuple((0, n) for n in shape), f"{k[0]} {k[1:]}")
+        if k[0] == "params":
+            out.params[k[1]] = full
+        else:
+            out.state[(k[1], k[2])] = full
+    if not state:
+        out.scalars = {}
+    return out
+
+
+def write_full(root, step: int, ck: FullCheckpoint, rank_specs: list[dict[str, LeafSpec]], *,
+               mesh_sizes: dict | None = None, config: dict | None = None, data: dict | None = None,
+               extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write ``ck`` as the checkpoint of a layout's ranks, from one process (no process group).
+
+    Each rank's file holds the pieces that rank would write at run time, so a run under that
+    layout reads only its own file (any other layout still loads it: pieces carry global path,
+    shape and slice). Optimizer state is cut like its parameter (whole, not ZeRO-1 flat shards,
+    which depend on the data-parallel size of the run that loads it). No RNG state is written.
+
+    Args:
+      root: checkpoint root; the folder is ``iter_<step>`` and ``latest`` moves to it.
+      step: the iteration recorded.
+      ck: the whole tensors.
+      rank_specs: per global rank, ``{global param path: LeafSpec}`` of the leaves it holds
+        (``pmodel.parallel.plan.rank_specs``); every param of ``ck`` must be written by some rank.
+      mesh_sizes, config, data, extra: as :func:`save`.
+
+    Returns:
+      the checkpoint folder.
+    """
+    root = Path(root)
+    folder = f"iter_{int(step):07d}"
+    tmp = root / f".tmp-{folder}"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    by_param: dict[str, list] = {}
+    for (key, name), t in ck.state.items():
+        by_param.setdefault(name, []).append((key, t))
+    written: set[str] = set()
+    for rank, specs in enumerate(rank_specs):
+        tensors: dict[str, torch.Tensor] = {}
+        index: list[dict] = []
+        for name, (gname, shape, box, primary) in specs.items():
+            if not primary:
+                continue
+            if gname not in ck.params:
+                raise CheckpointError(f"write_full: no tensor for parameter {gname!r}")
+            full = ck.params[gname]
+            if tuple(full.shape) != tuple(shape):
+                raise CheckpointError(f"write_full: {gname!r} has shape {list(full.shape)}, the layout expects "
+                                      f"{list(shape)}")
+            sl = tuple(slice(a, b) for a, b in box)
+            tensors[f"params/{gname}"] = full[sl]
+            index.append({"name": f"params/{gname}", "kind": "params", "param": gname, "shape": list(shape),
+                          "slice": [list(b) for b in box], "flat": None})
+            for key, t in by_param.get(gname, ()):
+                tensors[f"state/{key}.{gname}"] = t[sl]
+                index.append({"name": f"state/{key}.{gname}", "kind": "state", "key": key, "param": gname,
+                              "shape": list(shape), "slice": [list(b) for b in box], "flat": None})
+            written.add(gname)
+        if rank == 0:
+            for q, t in ck.globals.items():
+                tensors[f"state/{q}"] = t
+                index.append({"name": f"state/{q}", "kind": "global", "key": q})
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        stem = tmp / f"rank_{rank:05d}"
+        _write_safetensors(stem.with_suffix(".safetensors"), tensors)
+        stem.with_suffix(".json").write_text(json.dumps({"rank": rank, "pieces": index, "rng": {}}))
+        _fsync_path(stem.with_suffix(".json"))
+        del tensors
+    missing = sorted(set(ck.params) - written)
+    if missing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"write_full: the layout holds no piece of {missing[:5]} (another model?)")
+    world = len(rank_specs)
+    return _commit(root, tmp, folder, {"step": int(step), "world_size": world, "mesh": mesh_sizes or {},
+                                       "config": config, "data": data or {}, "scalars": dict(ck.scalars),
+                                       "extra": extra or {}, "ranks": world}, keep_last)

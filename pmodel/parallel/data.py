@@ -104,13 +104,20 @@ class DataParallel:
         ``--accumulate-allreduce-grads-in-fp32``): a hook adds each fresh low-precision ``.grad``
         into the fp32 bucket and clears it, so ``.grad`` stays None and :meth:`grads` is the
         way to read the gradients.
+      deterministic: sum every bucket over dp in a fixed order, rank 0 + rank 1 + ... left to
+        right (an all-to-all of the bucket's pieces, a local ordered sum, then an all-gather for
+        ``all_reduce``), instead of the backend's own reduction, whose order depends on its
+        algorithm (a ring starts each chunk at another rank; NCCL / HCCL pick ring or tree by
+        message size and topology). Same communication volume as a ring all-reduce; one extra
+        bucket-sized buffer while reducing.
 
     The object holds per-step mutable bookkeeping (hook counters, pending handles); it is created
     explicitly by the caller, never module-level.
     """
 
     def __init__(self, params, mesh: Mesh, *, bucket_numel: int = 40_000_000, overlap: bool = False,
-                 reduce: str = "all_reduce", pad: int | None = None, grad_dtype: torch.dtype | None = None):
+                 reduce: str = "all_reduce", pad: int | None = None, grad_dtype: torch.dtype | None = None,
+                 deterministic: bool = False):
         if reduce not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"DataParallel.reduce must be 'all_reduce' or 'reduce_scatter', got {reduce!r}")
         self.mesh = mesh
@@ -118,6 +125,7 @@ class DataParallel:
         self.dp = mesh.size("dp")
         self.overlap = bool(overlap)
         self.reduce = reduce
+        self.deterministic = bool(deterministic)
         pad = pad or (self.dp if reduce == "reduce_scatter" else 1)
         if reduce == "reduce_scatter" and pad != self.dp:
             raise ValueError(f"DataParallel: reduce_scatter needs buckets padded for dp={self.dp}, got pad={pad}")
@@ -179,7 +187,9 @@ class DataParallel:
         if self.group is None:
             self._handles[b] = (None, None)
             return
-        if self.reduce == "all_reduce":
+        if self.deterministic:
+            self._handles[b] = _ordered_launch(buf, self.dp, self.group)
+        elif self.reduce == "all_reduce":
             self._handles[b] = (dist.all_reduce(buf, group=self.group, async_op=True), None)
         else:
             lo, hi = self.layout.shard_range(b, self.mesh.rank("dp"))
@@ -194,7 +204,9 @@ class DataParallel:
         for b, (work, out) in sorted(self._handles.items()):
             if work is not None:
                 work.wait()
-            if out is not None:
+            if isinstance(out, _Ordered):
+                _ordered_finish(self.buffers[b], out, self.dp, self.group, gather=self.reduce == "all_reduce")
+            elif out is not None:
                 lo, hi = self.layout.shard_range(b, self.mesh.rank("dp"))
                 self.buffers[b][lo:hi].copy_(out)
         self._handles.clear()
@@ -226,3 +238,37 @@ class DataParallel:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# ----------------------------------------------------------------------------- fixed-order reduction
+class _Ordered(tuple):
+    """``(received pieces (dp, n), padded size)`` of a bucket reduced in rank order."""
+
+
+def _ordered_launch(buf: torch.Tensor, dp: int, group):
+    """Start a fixed-order reduction: every rank sends piece ``j`` of its bucket to dp rank ``j``
+    (one all-to-all), so each rank holds all ``dp`` contributions to its piece."""
+    size = -(-buf.numel() // dp) * dp
+    send = buf if size == buf.numel() else torch.cat([buf, buf.new_zeros(size - buf.numel())])
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return work, _Ordered((recv.view(dp, size // dp), size))
+
+
+def _ordered_finish(buf: torch.Tensor, got: "_Ordered", dp: int, group, *, gather: bool) -> None:
+    """Sum the contributions left to right in dp-rank order (the order of a one-process loop over
+    the ranks), then all-gather the summed pieces (all-reduce) or keep this rank's (reduce-scatter).
+    The result is the same bits on every run and every rank, whatever order the backend's own
+    reduction (ring / tree, chunked by message size) would have used."""
+    parts, size = got
+    piece = parts[0].clone()
+    for j in range(1, dp):
+        piece += parts[j]
+    if gather:
+        full = torch.empty(size, dtype=buf.dtype, device=buf.device)
+        dist.all_gather_into_tensor(full, piece, group=group)
+        buf.copy_(full[:buf.numel()])
+    else:
+        r = dist.get_rank(group)
+        n = size // dp
+        buf[r * n:(r + 1) * n].copy_(piece)

@@ -56,7 +56,8 @@ from .tensor import tensor_parallel
 from .zero import ShardSpec, shard_spec
 from .zero import distributed_optimizer as distributed_optimizer_tx
 
-__all__ = ["PipelineSpec", "PlanState", "ParallelPlan", "parallelize", "layout_problems", "single"]
+__all__ = ["PipelineSpec", "PlanState", "ParallelPlan", "parallelize", "layout_problems", "single", "rank_specs",
+           "offline_mesh"]
 
 # Megatron's default bucket: about 40M gradient scalars per reduction.
 BUCKET_NUMEL = 40_000_000
@@ -119,6 +120,8 @@ class ParallelPlan:
       micro_batch_hook: ``(params, index) -> params`` applied to the params for every micro-batch
         (``index`` numbers the global batch's micro-batches over the whole run, in the data
         order; ``None`` during evaluation), e.g. binding LoRA dropout keys.
+      deterministic: data-parallel gradient sums and the global loss / norm sums run in a fixed
+        rank order (see :class:`~pmodel.parallel.data.DataParallel`), not the backend's.
     """
 
     model: Any
@@ -133,6 +136,7 @@ class ParallelPlan:
     overlap_grad_reduce: bool
     bucket_numel: int
     micro_batch_hook: Callable | None = None
+    deterministic: bool = False
     _buckets: dict = dataclasses.field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ params
@@ -164,7 +168,7 @@ class ParallelPlan:
             self._buckets.clear()  # one live params tree per plan
             reduce = "reduce_scatter" if self.zero is not None and not self.zero.replica else "all_reduce"
             dp = DataParallel(params, self.mesh, bucket_numel=self.bucket_numel, overlap=self.overlap_grad_reduce,
-                              reduce=reduce,
+                              reduce=reduce, deterministic=self.deterministic,
                               grad_dtype=torch.float32 if self.policy.grad_accum_fp32 else None)
             self._buckets[key] = dp
         return dp
@@ -207,13 +211,24 @@ class ParallelPlan:
         # The layout's after-backward work: partial gradients of replicated leaves (sequence
         # parallel norms and row biases, LoRA's replicated factors) are summed over TP.
         sync_replicated_grads(self.stage_model, params)
-        loss_sum = comm.all_reduce(loss_sum.double().reshape(()).to(dev), self.mesh.group("dp"))
+        loss_sum = self._sum(loss_sum.double().reshape(()).to(dev), self.mesh.group("dp"))
         opt_state, norm, skipped = self._update(params, opt_state, dp, scale)
         n = int(counts[0])
         metrics = {"loss": float(loss_sum) / max(n, 1), "num_tokens": n, "tokens": int(counts[1]),
                    "samples": int(counts[2]), "grad_norm": norm, "lr": optim.current_lr(opt_state),
                    "loss_scale": scale, "skipped": skipped}
         return params, opt_state, metrics
+
+    def _sum(self, x: torch.Tensor, group) -> torch.Tensor:
+        """Sum of a small float tensor over ``group``: the backend's all-reduce, or (deterministic)
+        every rank's value gathered and added left to right in rank order."""
+        if not self.deterministic or group is None:
+            return comm.all_reduce(x, group)
+        parts = comm.all_gather(x.reshape(1, -1), group, 0)  # (n, numel), rank order
+        out = parts[0].clone()
+        for j in range(1, parts.shape[0]):
+            out += parts[j]
+        return out.view(x.shape)
 
     def _binder(self, params, count: int, local_micro: int):
         """``j -> params`` for this rank's micro-batch ``j`` (None without a hook). Micro-batch
@@ -251,7 +266,7 @@ class ParallelPlan:
                 sq = sq + w * g.detach().double().pow(2).sum()
         groups, div = self._norm_sq_groups()
         for i, g in enumerate(groups):
-            sq = comm.all_reduce(sq, g)
+            sq = self._sum(sq, g)
             if i == 0 and div != 1.0:
                 sq = sq / div
         norm = sq.sqrt().float()  # of the scaled gradients
@@ -310,7 +325,7 @@ class ParallelPlan:
                     _, aux = self.model.loss(p_eval, mb)
                     tot += torch.stack([aux["loss_sum"].double(), aux["num_tokens"].double()]).to(dev)
             k += 1
-        tot = comm.all_reduce(tot, self.mesh.group("dp"))
+        tot = self._sum(tot, self.mesh.group("dp"))
         n = int(tot[1])
         if n == 0:
             raise ValueError("evaluate: no counted tokens in the evaluation batches")
@@ -321,25 +336,7 @@ class ParallelPlan:
     def leaf_specs(self, params) -> dict:
         """``{local params path: LeafSpec(global path, global shape, slices, primary)}`` for the
         reshardable checkpoint (:mod:`pmodel.checkpoint.sharded`)."""
-        from ..checkpoint.sharded import LeafSpec
-        from ..params import is_decl
-        layout = layout_of(self.stage_model)
-        decls = tree.paths(self.stage_model.defs, is_leaf=is_decl)
-        local = [(p, t) for p, t in tree.paths(params)]
-        if len(decls) != len(local):
-            raise ValueError(f"leaf_specs: params have {len(local)} leaves, the stage declares {len(decls)}")
-        out = {}
-        for (name, decl), (p, t) in zip(decls, local):
-            if layout is None:
-                box, primary = [(0, n) for n in decl.shape], True
-            else:
-                sl = layout.leaf_slice(name, decl)
-                box = [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(sl, decl.shape)]
-                primary = layout.is_primary(name, decl)
-            if self._tied_copy_path() == name:
-                primary = False  # the first stage writes the tied embedding
-            out[p] = LeafSpec(name, decl.shape, box, primary)
-        return out
+        return _leaf_specs(self.stage_model, params, self._tied_copy_path())
 
     def save_checkpoint(self, root, step: int, params, opt_state, *, config: dict | None = None,
                         data: dict | None = None, extra: dict | None = None, keep_last: int | None = None):
@@ -350,13 +347,16 @@ class ParallelPlan:
                             world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), dp_rank=self.mesh.rank("dp"),
                             config=config, data=data, extra=extra, keep_last=keep_last)
 
-    def load_checkpoint(self, root, params, opt_state, *, config: dict | None = None, path=None):
-        """Fill ``params`` / ``opt_state`` from the latest checkpoint under ``root`` (any layout);
-        ``(params, opt_state, manifest)`` or None when there is none (collective)."""
+    def load_checkpoint(self, root, params, opt_state, *, config: dict | None = None, path=None,
+                        restore_rng_state: bool = True, cast_dtype: bool = False):
+        """Fill ``params`` / ``opt_state`` (None: params only) from the latest checkpoint under
+        ``root`` (any layout); ``(params, opt_state, manifest)`` or None when there is none
+        (collective). ``restore_rng_state`` / ``cast_dtype``: as :func:`pmodel.checkpoint.sharded.load`."""
         from ..checkpoint import sharded
         return sharded.load(root, params=params, opt_state=opt_state, specs=self.leaf_specs(params),
                             piece_of=self.state_pieces(params), rank=self.mesh.global_rank,
-                            world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), config=config, path=path)
+                            world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), config=config, path=path,
+                            restore_rng_state=restore_rng_state, cast_dtype=cast_dtype)
 
     def state_pieces(self, params) -> Callable[[str, torch.Tensor], tuple | None]:
         """For the reshardable checkpoint: ``(param_path, tensor) -> flat range or None`` of an
@@ -373,6 +373,76 @@ class ParallelPlan:
             _, _, in_leaf, n, _ = r
             return (in_leaf, in_leaf + n)
         return piece
+
+
+def _leaf_specs(stage_model, params, tied_copy: str | None) -> dict:
+    """``{local params path: LeafSpec}`` of a stage's params (``params=None``: keyed by the
+    declarations' global paths)."""
+    from ..checkpoint.sharded import LeafSpec
+    from ..params import is_decl
+    layout = layout_of(stage_model)
+    decls = tree.paths(stage_model.defs, is_leaf=is_decl)
+    local = [p for p, _ in tree.paths(params)] if params is not None else [n for n, _ in decls]
+    if len(decls) != len(local):
+        raise ValueError(f"leaf_specs: params have {len(local)} leaves, the stage declares {len(decls)}")
+    out = {}
+    for (name, decl), p in zip(decls, local):
+        if layout is None:
+            box, primary = [(0, n) for n in decl.shape], True
+        else:
+            sl = layout.leaf_slice(name, decl)
+            box = [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(sl, decl.shape)]
+            primary = layout.is_primary(name, decl)
+        if tied_copy == name:
+            primary = False  # the first stage writes the tied embedding
+        out[p] = LeafSpec(name, decl.shape, box, primary)
+    return out
+
+
+def offline_mesh(sizes: dict, rank: int) -> Mesh:
+    """The :class:`Mesh` rank ``rank`` would have on a mesh of ``sizes``, without process groups:
+    for computing a layout's shards (checkpoint conversion), never for running a step."""
+    from .mesh import DIMS
+    full = {d: int(sizes.get(d, 1)) for d in DIMS}
+    world = math.prod(full.values())
+    coords = Mesh.coords_of(full, rank)
+    return Mesh(sizes=full, global_rank=rank, world_size=world, coords=coords, groups={d: None for d in DIMS},
+                group_ranks={d: () for d in DIMS}, backend="none")
+
+
+def rank_specs(model, sizes: dict, *, pipeline: PipelineSpec | None = None) -> list[dict]:
+    """Per global rank of a layout, ``{global param path: LeafSpec}`` of the leaves it holds and
+    writes (what :meth:`ParallelPlan.leaf_specs` gives on that rank), computed in one process.
+
+    Args:
+      model: the plain Model.
+      sizes: ``{"tp": .., "pp": .., "dp": ..}`` (missing dims are 1).
+      pipeline: the stage split when pp > 1 (default: 1F1B, even split).
+
+    Raises:
+      ValueError: with the reasons of :func:`layout_problems`.
+    """
+    problems = layout_problems(model.config, sizes, pipeline=pipeline)
+    if problems:
+        raise ValueError("; ".join(problems))
+    out = []
+    first = offline_mesh(sizes, 0)
+    for r in range(first.world_size):
+        mesh = offline_mesh(sizes, r)
+        stage = tensor_parallel(model, mesh)
+        tied = None
+        if mesh.size("pp") > 1:
+            spec = pipeline or PipelineSpec()
+            pipe = _pipeline(stage, mesh, spec.schedule, microbatches=mesh.size("pp"),
+                             layers_per_stage=spec.layers_per_stage, virtual_stages=spec.virtual_stages)
+            stage = stage.replace(defs=pipe.stage_defs())
+            if model.config.tie_embeddings and pipe.is_last and not pipe.is_first:
+                tied = "embed.weight"
+        specs = _leaf_specs(stage, None, tied)
+        if mesh.rank("dp") != 0:  # data-parallel peers hold identical copies: dp rank 0 writes
+            specs = {k: v.__class__(v[0], v[1], v[2], False) for k, v in specs.items()}
+        out.append(specs)
+    return out
 
 
 def _micro_batches(batch) -> list[dict]:
@@ -441,7 +511,8 @@ def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, pipeline: Pipe
                 sequence_parallel: bool = False, distributed_optimizer: bool = False,
                 overlap_grad_reduce: bool = False, high_availability: bool = False,
                 max_grad_norm: float | None = None, policy: Policy | None = None,
-                bucket_numel: int = BUCKET_NUMEL, micro_batch_hook: Callable | None = None) -> ParallelPlan:
+                bucket_numel: int = BUCKET_NUMEL, micro_batch_hook: Callable | None = None,
+                deterministic: bool = False) -> ParallelPlan:
     """Compose tensor / sequence / pipeline / data parallelism, the optimizer layout and the
     precision policy into one train step (collective: every rank calls it).
 
@@ -460,6 +531,8 @@ def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, pipeline: Pipe
         params, dynamic loss scaling for fp16); its ``param_dtype`` must equal the model's dtype.
       bucket_numel: gradient bucket size in scalars.
       micro_batch_hook: ``(params, index or None) -> params`` per micro-batch (see ParallelPlan).
+      deterministic: fixed-order data-parallel reductions (bitwise-reproducible runs with
+        :func:`pmodel.device.set_deterministic`; see ParallelPlan).
 
     Returns:
       a :class:`ParallelPlan`.
@@ -511,7 +584,7 @@ def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, pipeline: Pipe
                         tx=GradientTransformation(init, update), inner_tx=inner_tx, zero=zero,
                         max_grad_norm=max_grad_norm,
                         overlap_grad_reduce=overlap_grad_reduce, bucket_numel=bucket_numel,
-                        micro_batch_hook=micro_batch_hook)
+                        micro_batch_hook=micro_batch_hook, deterministic=deterministic)
     return plan
 
 
