@@ -31,7 +31,7 @@ import pmodel
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SUBPACKAGES = ("checkpoint", "data", "device", "families", "lora", "ops", "optim", "parallel", "precision",
+SUBPACKAGES = ("checkpoint", "data", "device", "evaluation", "families", "inference", "lora", "ops", "optim", "parallel", "precision",
                "train", "tree")
 FUNCTIONS = ("init", "abstract", "load_hf", "save_hf", "generate", "recompute", "pipeline", "value_and_grad")
 TYPES = ("Model", "ModelConfig", "P", "Context", "KVCache")

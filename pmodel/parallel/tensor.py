@@ -444,9 +444,13 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
         return tree.map_with_path(go, p, is_leaf=is_wrapper)
 
     def local_ctx(ctx):
-        if ctx.cache is not None:
-            raise NotImplementedError("tensor_parallel: KV-cache decoding is not supported under TP yet "
-                                      "(the cache is allocated for all KV heads)")
+        if ctx.cache is not None and sequence_parallel:
+            # The cache itself works under TP (each rank caches its own KV heads: allocate it with
+            # the local head count, as pmodel.inference does); sequence parallel cannot split a
+            # one-token decode step over the TP ranks.
+            raise NotImplementedError("tensor_parallel: KV-cache decoding with sequence_parallel=True: a decode "
+                                      "step of one token cannot be split over the sequence; build the inference "
+                                      "model without sequence parallel")
         if ctx.alibi is not None and ctx.alibi.shape[1] == H:
             # The context holds every head's ALiBi bias; this rank runs heads [r*H/tp, (r+1)*H/tp).
             n = H // tp
