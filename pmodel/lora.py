@@ -248,26 +248,53 @@ def _linear_modules(defs) -> list[tuple[str, P]]:
     return out
 
 
-def resolve_targets(defs, targets: str | Iterable[str]) -> list[str]:
+def _family_module_names(family: str | None) -> dict[str, set[str]]:
+    """The family's checkpoint module names (and every dotted suffix of them, as PEFT matches
+    ``target_modules``) -> the pmodel module templates (``layers.{i}.attn.q_proj``) they hold."""
+    if family is None:
+        return {}
+    from . import families  # lazy: families imports the model code
+
+    out: dict[str, set[str]] = {}
+    for m in families.get(family).tensors.maps:
+        pieces = m.hf.split(".")
+        if "{i}" not in pieces:
+            continue  # embeddings, final norm, LM head: not projections
+        tail = pieces[pieces.index("{i}") + 1:]
+        for k in range(len(tail)):
+            out.setdefault(".".join(tail[k:]), set()).update(m.ours)
+    return out
+
+
+def resolve_targets(defs, targets: str | Iterable[str], *, family: str | None = None) -> list[str]:
     """Module paths of ``defs`` selected by ``targets``.
 
     Args:
       defs: a model's declarations.
       targets: projection names (``"q_proj"``, ... or ``"all"`` / ``"all-linear"`` for the
         seven), ModelLink names (``"query_key_value"``, ``"dense"``, ``"dense_h_to_4h"``,
-        ``"dense_4h_to_h"``), a comma-separated string of those, or a regular expression
-        (any other single string, ``re.fullmatch``-ed against module paths such as
-        ``layers.3.attn.q_proj``, like PEFT's string ``target_modules``).
+        ``"dense_4h_to_h"``), the family's own Hugging Face module names (with ``family``:
+        ``"W_pack"``, ``"c_attn"``, ``"c_proj"``, ``"w1"``, ``"self_attention.dense"``, ... --
+        a name, or a dotted suffix, of a checkpoint module, as PEFT's list ``target_modules``
+        matches it; a fused module selects every pmodel projection it holds), a comma-separated
+        string of those, or a regular expression (any other single string, ``re.fullmatch``-ed
+        against module paths such as ``layers.3.attn.q_proj``, like PEFT's string
+        ``target_modules``).
+      family: the model's family (``Model.family``), whose tensor layout gives the HF names.
 
     Returns:
       the matched module paths in defs order; raises when nothing matches or a name is unknown.
     """
     mods = _linear_modules(defs)
     known = {m.rsplit(".", 1)[-1] for m, _ in mods}
+    hf_names = _family_module_names(family)
+
+    def is_name(t: str) -> bool:
+        return t in PROJECTIONS or t in MODELLINK_NAMES or t in ("all", "all-linear") or t in hf_names
+
     if isinstance(targets, str):
         parts = [t.strip() for t in targets.split(",") if t.strip()]
-        named = all(t in PROJECTIONS or t in MODELLINK_NAMES or t in ("all", "all-linear") for t in parts)
-        if not named:
+        if not all(is_name(t) for t in parts):
             try:
                 rx = re.compile(targets)
             except re.error as e:
@@ -280,6 +307,7 @@ def resolve_targets(defs, targets: str | Iterable[str]) -> list[str]:
             return hit
         targets = parts
     names: set[str] = set()
+    templates: set[str] = set()  # pmodel module templates selected through HF names
     for t in targets:
         if t in ("all", "all-linear"):
             names |= known
@@ -294,12 +322,18 @@ def resolve_targets(defs, targets: str | Iterable[str]) -> list[str]:
             if t not in known:
                 raise ValueError(f"LoRA target {t!r} does not exist in this model (it has {sorted(known)})")
             names.add(t)
+        elif t in hf_names:
+            templates |= hf_names[t]
         else:
+            hf = sorted(n for n in hf_names if "." not in n)
             raise ValueError(f"unknown LoRA target {t!r}; expected one of {list(PROJECTIONS)}, "
-                             f"{list(MODELLINK_NAMES)}, 'all', or a single regex string")
-    hit = [m for m, _ in mods if m.rsplit(".", 1)[-1] in names]
+                             f"{list(MODELLINK_NAMES)}, 'all', "
+                             + (f"the {family} checkpoint module names {hf}, " if hf else "")
+                             + "or a single regex string")
+    from .families.tensors import _template
+    hit = [m for m, _ in mods if m.rsplit(".", 1)[-1] in names or _template(m)[0] in templates]
     if not hit:
-        raise ValueError(f"LoRA targets {sorted(names)} match no linear module")
+        raise ValueError(f"LoRA targets {sorted(names | templates)} match no linear module")
     return hit
 
 
@@ -332,7 +366,7 @@ def lora(model, rank: int, alpha: float, dropout: float = 0.0,
     if model.layout is not None:
         raise ValueError("lora: apply lora() before sharding transforms such as tensor_parallel (the "
                          "parallel wrappers must stay outermost around the LoRA leaf)")
-    mods = set(resolve_targets(model.defs, targets))
+    mods = set(resolve_targets(model.defs, targets, family=model.family))
     scale = float(alpha) / (math.sqrt(rank) if rslora else rank)
 
     def frozen(d: P) -> P:

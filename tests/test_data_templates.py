@@ -27,7 +27,7 @@ GOLDEN = {
     "mistral": "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>",
     "chatml": ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
                "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>"),
-    "chatglm3": "[gMASK]sop<|system|>\n S<|user|>\n U1<|assistant|>\n A1<|user|>\n U2<|assistant|>\n A2</s>",
+    "chatglm3": "[gMASK]sop<|system|>\nS<|user|>\nU1<|assistant|>\nA1<|user|>\nU2<|assistant|>\nA2</s>",
     "gemma": ("<bos><start_of_turn>user\nS\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
               "<start_of_turn>user\nU2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>"),
 }
@@ -36,7 +36,7 @@ RESPONSES = {  # the labelled text of each template, turn by turn
     "empty": ["A1</s>", "A2</s>"], "default": ["A1</s>", "A2</s>"], "alpaca": ["A1</s>", "A2</s>"],
     "llama2": [" A1 </s>", " A2 </s>"], "llama3": ["A1<|eot_id|>", "A2<|eot_id|>"],
     "mistral": ["A1</s>", "A2</s>"], "chatml": ["A1<|im_end|>", "A2<|im_end|>"],
-    "chatglm3": ["\n A1", "\n A2</s>"], "gemma": ["A1<end_of_turn>", "A2<end_of_turn>"],
+    "chatglm3": ["\nA1", "\nA2</s>"], "gemma": ["A1<end_of_turn>", "A2<end_of_turn>"],
 }
 
 
@@ -89,7 +89,7 @@ def test_labels_exactly_on_responses(name, turns):
         spans.append(cur)
     want = RESPONSES[name][:turns]
     if turns == 1 and name == "chatglm3":
-        want = ["\n A1</s>"]
+        want = ["\nA1</s>"]
     assert [tok.decode(s) for s in spans] == want
     # role markers map to their special ids
     for s in TEMPLATES[name].specials:

@@ -19,7 +19,8 @@ continuation (no dummy prefix). This reproduces the reference encodings of Llama
 (``<s>[INST] ...``) and of Mistral v3 control tokens.
 
 Formats (sources are cited in ``docs/data.md``): ``empty``, ``default``, ``alpaca``,
-``llama2``, ``llama3``, ``mistral``, ``chatml`` (alias ``qwen``), ``chatglm3``, ``gemma``.
+``llama2``, ``llama3``, ``mistral``, ``chatml``, ``qwen``, ``chatglm3``, ``baichuan``,
+``baichuan2``, ``internlm``, ``internlm2``, ``gemma``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ class ChatTemplate:
         specials: role-marker strings that map to special ids when the tokenizer has them.
         user_with_input: alpaca only: format for (instruction, input) records.
         system_with_input: alpaca only: default system text for records with an input.
+        encode_parts: tokenise every template text run and every message on its own (a fresh
+            ``tokenizer.encode``, SentencePiece dummy prefix included), as the reference builds its
+            ids piece by piece (ChatGLM3 ``build_single_message``, Qwen ``make_context``, Baichuan
+            ``build_chat_input``) instead of as one text.
+        stop_markers: special tokens besides EOS that end an assistant reply at inference (the
+            reference's extra stop ids, e.g. ChatGLM3's ``<|user|>`` / ``<|observation|>``).
+        marker_ids: ids the role markers must have in the tokenizer (the reference hard-codes
+            them, e.g. Baichuan2's ``user_token_id`` 195); rendering with a vocabulary that puts
+            them elsewhere raises instead of writing the wrong ids (not checked for a
+            :class:`~pmodel.data.ByteTokenizer`, whose test vocabulary numbers them itself).
     """
 
     name: str
@@ -90,6 +101,9 @@ class ChatTemplate:
     specials: tuple[str, ...] = ()
     user_with_input: str | None = None
     system_with_input: str | None = None
+    encode_parts: bool = False
+    stop_markers: tuple[str, ...] = ()
+    marker_ids: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         for fname in ("user", "assistant"):
@@ -137,25 +151,61 @@ _TEMPLATE_LIST = [
     # Mistral-7B-Instruct chat_template: <s>[INST] u [/INST]a</s>[INST] u2 [/INST]a2</s>.
     ChatTemplate(name="mistral", prefix="{bos}", user="[INST] {content} [/INST]",
                  assistant="{content}{eos}", specials=("[INST]", "[/INST]")),
-    # ChatML (Qwen): <|im_start|>role\ncontent<|im_end|>\n.
+    # ChatML as Qwen1.5 / Qwen2's tokenizer_config chat_template writes it (one text between
+    # the markers): <|im_start|>role\ncontent<|im_end|>\n.
     ChatTemplate(name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                  assistant="{content}<|im_end|>", separator="\n",
                  default_system="You are a helpful assistant.",
                  specials=("<|im_start|>", "<|im_end|>")),
-    # ChatGLM3 tokenizer build_chat_input / LLaMA-Factory chatglm3.
-    ChatTemplate(name="chatglm3", prefix="[gMASK]sop", system="<|system|>\n {content}",
-                 user="<|user|>\n {content}<|assistant|>", assistant="\n {content}", end="{eos}",
-                 specials=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>")),
+    # Qwen (v1) qwen_generation_utils.make_context (chat_format "chatml"): the same text, with
+    # role, "\n" and content tokenised separately; chat()'s default system message.
+    ChatTemplate(name="qwen", system="<|im_start|>system\n{content}<|im_end|>\n",
+                 user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+                 assistant="{content}<|im_end|>", separator="\n",
+                 default_system="You are a helpful assistant.",
+                 specials=("<|im_start|>", "<|im_end|>"), encode_parts=True),
+    # ChatGLM3 tokenization_chatglm.py: build_inputs_with_special_tokens prefix [gMASK] sop;
+    # build_single_message = role id + encode(f"{metadata}\n") + encode(content) (metadata "");
+    # build_chat_input ends with <|assistant|>. Training (finetune_demo): the assistant message
+    # after its role id is the response; one EOS at the end.
+    ChatTemplate(name="chatglm3", prefix="[gMASK]sop", system="<|system|>\n{content}",
+                 user="<|user|>\n{content}<|assistant|>", assistant="\n{content}", end="{eos}",
+                 specials=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>"), encode_parts=True,
+                 stop_markers=("<|user|>", "<|observation|>"),  # generation eos_token_id [2, 64795, 64797]
+                 marker_ids={"[gMASK]": 64790, "sop": 64792, "<|system|>": 64794, "<|user|>": 64795,
+                             "<|assistant|>": 64796}),
+    # Baichuan-13B-Chat modeling_baichuan.py _build_chat_input and Baichuan2 generation_utils.py
+    # build_chat_input: user_token_id + content, assistant_token_id + content (v1: + EOS), no
+    # separator; the prompt ends with assistant_token_id; Baichuan2 puts the system ids first
+    # (no role id; v1 has no system message, the same is done). The role ids are 195 / 196 in
+    # both vocabularies, which name them differently. Baichuan2 training (fine-tune.py): one EOS
+    # after the last response.
+    ChatTemplate(name="baichuan", system="{content}", user="<reserved_102>{content}<reserved_103>",
+                 assistant="{content}{eos}", specials=("<reserved_102>", "<reserved_103>"),
+                 encode_parts=True, marker_ids={"<reserved_102>": 195, "<reserved_103>": 196}),
+    ChatTemplate(name="baichuan2", system="{content}", user="<reserved_106>{content}<reserved_107>",
+                 assistant="{content}", end="{eos}", specials=("<reserved_106>", "<reserved_107>"),
+                 encode_parts=True, marker_ids={"<reserved_106>": 195, "<reserved_107>": 196}),
+    # InternLM (v1) modeling_internlm.py build_inputs: <|User|>:{q}<eoh>\n<|Bot|>:{a}<eoa>\n per
+    # turn; one BOS at the start (as chatglm.cpp and LLaMA-Factory "intern"; the remote code's
+    # tokenizer call adds a second one before its literal "<s>", see docs/data.md).
+    ChatTemplate(name="internlm", prefix="{bos}", user="<|User|>:{content}<eoh>\n<|Bot|>:",
+                 assistant="{content}<eoa>", separator="\n", specials=("<eoh>", "<eoa>"),
+                 marker_ids={"<eoh>": 103027, "<eoa>": 103028}),
+    # InternLM2-chat tokenizer_config chat_template: BOS, then ChatML (no default system).
+    ChatTemplate(name="internlm2", prefix="{bos}", system="<|im_start|>system\n{content}<|im_end|>\n",
+                 user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+                 assistant="{content}<|im_end|>", separator="\n", specials=("<|im_start|>", "<|im_end|>"),
+                 marker_ids={"<|im_start|>": 92543, "<|im_end|>": 92542}),
     # Gemma chat_template: system text folded into the first user turn.
     ChatTemplate(name="gemma", prefix="{bos}",
                  user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
                  assistant="{content}<end_of_turn>", separator="\n",
                  specials=("<start_of_turn>", "<end_of_turn>")),
 ]
-# Read-only registry (no module-level mutable state); "qwen" is an alias of "chatml".
-TEMPLATES: Mapping[str, ChatTemplate] = MappingProxyType(
-    {**{t.name: t for t in _TEMPLATE_LIST}, "qwen": next(t for t in _TEMPLATE_LIST if t.name == "chatml")})
+# Read-only registry (no module-level mutable state).
+TEMPLATES: Mapping[str, ChatTemplate] = MappingProxyType({t.name: t for t in _TEMPLATE_LIST})
 del _TEMPLATE_LIST
 
 
@@ -295,6 +345,13 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
         :class:`Rendered` ids and labels.
     """
     t = get_template(template) if isinstance(template, str) else template
+    # (a ByteTokenizer numbers its specials itself: a synthetic vocabulary for tests)
+    for marker, want in (t.marker_ids.items() if tokenizer.family != "bytes" else ()):
+        got = tokenizer.special_tokens.get(marker)
+        if got != want:
+            raise ValueError(f"chat template {t.name!r} needs {marker!r} = id {want} (the reference hard-codes it), "
+                             f"but tokenizer {tokenizer.path or type(tokenizer).__name__} has "
+                             f"{'no such token' if got is None else f'id {got}'}; use the template of its family")
     ids: list[int] = []
     labels: list[int] = []
     turn_ends: list[int] = []
@@ -309,6 +366,10 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
                 return
             text = "".join(text_buf)
             text_buf.clear()
+            if t.encode_parts:  # each part is its own tokenizer.encode call, as the reference does
+                seg.extend(tokenizer.encode(text))
+                after_special = False
+                return
             if before_special and tokenizer.add_dummy_prefix and text.endswith(" "):
                 # "[INST] u [/INST]" with control ids: the space belongs to the marker, as
                 # mistral-common encodes [INST] + sp("u") + [/INST].
@@ -329,7 +390,11 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
 
         for kind, v in parts:
             if kind in ("text", "content"):
+                if t.encode_parts:
+                    flush()
                 text_buf.append(v)
+                if t.encode_parts:
+                    flush()
                 continue
             if kind == "special":
                 sid = tokenizer.special_tokens.get(v)

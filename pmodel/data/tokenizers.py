@@ -25,8 +25,9 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "GPT2_PATTERN",
     "llama3_special_tokens",
     "qwen_special_tokens",
+    "SP_FAMILIES",
 ]
 
 LLAMA3_PATTERN = (
@@ -64,6 +66,12 @@ class Tokenizer:
         special_tokens: mapping from special-token string to id (role markers, BOS, EOS...).
         add_dummy_prefix: whether ``encode`` prepends a word-boundary marker (SentencePiece
             ``add_dummy_prefix``). Chat templates use it to tokenise segments as in one text.
+        bos_ids: what ``encode(bos=True)`` prepends: ``(bos_id,)``, or the family's prefix
+            (ChatGLM3: ``[gMASK] sop``).
+        add_bos: whether the family's reference tokenizer prepends ``bos_ids`` by default
+            (``tokenizer(text)`` in Hugging Face); ``encode`` itself never does unless asked.
+        family: the tokenizer family (``"chatglm3"``, ``"baichuan2"``, ``"qwen"``, ...,
+            ``"generic"``); see :func:`load_tokenizer`.
         path: the file the tokenizer was loaded from (for error messages).
     """
 
@@ -73,7 +81,20 @@ class Tokenizer:
     pad_id: int | None
     special_tokens: Mapping[str, int]
     add_dummy_prefix: bool = False
+    family: str = "generic"
     path: str = ""
+    _bos_ids: tuple[int, ...] | None = None
+    _add_bos: bool | None = None
+
+    @property
+    def bos_ids(self) -> tuple[int, ...]:
+        if self._bos_ids is not None:
+            return self._bos_ids
+        return () if self.bos_id is None else (self.bos_id,)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.bos_ids) if self._add_bos is None else self._add_bos
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False,
                allow_special: bool = False) -> list[int]:
@@ -81,7 +102,7 @@ class Tokenizer:
 
         Args:
             text: the text.
-            bos / eos: prepend BOS / append EOS (error if the tokenizer has none).
+            bos / eos: prepend :attr:`bos_ids` / append EOS (error if the tokenizer has none).
             allow_special: recognise special-token strings inside ``text``.
 
         Returns:
@@ -89,13 +110,15 @@ class Tokenizer:
         """
         ids: list[int] = []
         if bos:
-            ids.append(self._require("bos_id"))
+            if not self.bos_ids:
+                self._require("bos_id")
+            ids.extend(self.bos_ids)
         if allow_special and self.special_tokens:
             for chunk, special in _split_special(text, self.special_tokens):
                 if special is not None:
                     ids.append(special)
                 elif chunk:
-                    ids.extend(self._encode_text(chunk, first=not ids or (bos and len(ids) == 1)))
+                    ids.extend(self._encode_text(chunk, first=len(ids) == (len(self.bos_ids) if bos else 0)))
         elif text:
             ids.extend(self._encode_text(text, first=True))
         if eos:
@@ -164,16 +187,92 @@ def _split_special(text: str, specials: Mapping[str, int]):
 # ----------------------------------------------------------------------------- SentencePiece
 
 
-class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece ``.model`` (BPE or unigram).
+@dataclass(frozen=True, kw_only=True)
+class _SPFamily:
+    """What a family's reference tokenizer adds around a SentencePiece model (data, one row each).
 
-    Special tokens are the CONTROL and USER_DEFINED pieces (e.g. Mistral v3's ``[INST]``=3).
+    Attributes:
+      name: family name.
+      pieces: the model's piece count (detection); ``probe``: ``{id: piece}`` that must hold too.
+      appended: special tokens the reference appends after the pieces, in id order (ChatGLM3).
+      aliases: special-token names the reference gives existing pieces (InternLM2's chat
+        tokens are pieces ``[UNUSED_TOKEN_*]`` renamed in its tokenizer_config).
+      prefix: special tokens ``encode(bos=True)`` prepends (default: the BOS piece).
+      bos: the token reported as ``bos_id`` (default: SentencePiece's BOS).
+      pad: the padding token (default: SentencePiece's pad piece).
+      add_bos: whether the reference prepends ``prefix`` by default.
+      classes: HF ``tokenizer_class`` names (``tokenizer_config.json``) of this family.
+      source: where these facts come from (documentation).
+    """
+
+    name: str
+    pieces: int
+    probe: Mapping[int, str]
+    appended: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    prefix: tuple[str, ...] | None = None
+    bos: str | None = None
+    pad: str | None = None
+    add_bos: bool = True
+    classes: tuple[str, ...] = ()
+    source: str = ""
+
+
+_SP_FAMILIES = (
+    _SPFamily(name="chatglm3", pieces=64789, probe={1: "<s>", 2: "</s>"},
+              appended=("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
+                        "<|assistant|>", "<|observation|>"),
+              prefix=("[gMASK]", "sop"), bos="sop", pad="<unk>", classes=("ChatGLMTokenizer",),
+              source="THUDM/chatglm3-6b tokenization_chatglm.py (SPTokenizer, get_prefix_tokens)"),
+    _SPFamily(name="baichuan", pieces=64000, probe={3: "<SEP>", 4: "<CLS>"}, pad="<unk>", add_bos=False,
+              classes=("BaichuanTokenizer",),
+              source="Baichuan-13B-Chat tokenizer_config.json (add_bos_token false, pad <unk>)"),
+    _SPFamily(name="baichuan2", pieces=125696, probe={3: "<SEP>", 4: "<CLS>"}, pad="<unk>", add_bos=False,
+              classes=("BaichuanTokenizer",),
+              source="Baichuan2-13B-Chat tokenizer_config.json (add_bos_token false, pad <unk>)"),
+    _SPFamily(name="internlm", pieces=103168, probe={103027: "<eoh>", 103028: "<eoa>"},
+              classes=("InternLMTokenizer",),
+              source="InternLM tokenization_internlm.py (add_bos_token=True, add_eos_token=False)"),
+    _SPFamily(name="internlm2", pieces=92544, probe={92543: "[UNUSED_TOKEN_146]"},
+              aliases={"<|plugin|>": "[UNUSED_TOKEN_141]", "<|interpreter|>": "[UNUSED_TOKEN_142]",
+                       "<|action_end|>": "[UNUSED_TOKEN_143]", "<|action_start|>": "[UNUSED_TOKEN_144]",
+                       "<|im_end|>": "[UNUSED_TOKEN_145]", "<|im_start|>": "[UNUSED_TOKEN_146]"},
+              classes=("InternLM2Tokenizer",),
+              source="internlm2-chat tokenizer_config.json added_tokens_decoder 92538-92543"),
+)
+SP_FAMILIES: Mapping[str, _SPFamily] = MappingProxyType({f.name: f for f in _SP_FAMILIES})
+
+
+def _detect_sp_family(sp, tokenizer_class: str | None) -> _SPFamily | None:
+    n = sp.GetPieceSize()
+
+    def fits(f: _SPFamily) -> bool:
+        return f.pieces == n and all(i < n and sp.IdToPiece(i) == p for i, p in f.probe.items())
+
+    hits = [f for f in _SP_FAMILIES if fits(f)]
+    if tokenizer_class:
+        hits = [f for f in hits if tokenizer_class in f.classes] or hits
+    return hits[0] if hits else None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` (BPE or unigram), plus what the family's reference tokenizer
+    adds around it.
+
+    Special tokens are the CONTROL and USER_DEFINED pieces (e.g. Mistral v3's ``[INST]``=3),
+    then the family's: ChatGLM3's tokens after the pieces (``[gMASK]``=64790, ``sop``=64792,
+    ``<|user|>``=64795, ...; ``encode(bos=True)`` prepends ``[gMASK] sop``), InternLM2's chat
+    names for its ``[UNUSED_TOKEN_*]`` pieces (``<|im_start|>``=92543, ...).
 
     Args:
         path: the ``.model`` file.
+        family: ``"auto"`` (by piece count and probe pieces, see :data:`SP_FAMILIES`, refined by
+            ``tokenizer_class``), a name of :data:`SP_FAMILIES`, or ``"generic"`` (the file alone).
+        tokenizer_config: the ``tokenizer_config.json`` contents beside the file, if any:
+            ``tokenizer_class`` helps detection; ``add_bos_token`` overrides the family default.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, family: str = "auto", tokenizer_config: Mapping | None = None):
         import sentencepiece as spm
 
         self.path = str(path)
@@ -182,8 +281,21 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp.Load(self.path)
         except Exception as e:  # sentencepiece raises bare OSError/RuntimeError
             raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from None
+        cfg = dict(tokenizer_config or {})
         n = self._sp.GetPieceSize()
-        self.vocab_size = n
+        if family == "auto":
+            fam = _detect_sp_family(self._sp, cfg.get("tokenizer_class"))
+        elif family == "generic":
+            fam = None
+        elif family in SP_FAMILIES:
+            fam = SP_FAMILIES[family]
+            if fam.pieces != n or any(i >= n or self._sp.IdToPiece(i) != p for i, p in fam.probe.items()):
+                raise ValueError(f"{self.path}: not a {family} SentencePiece model (expected {fam.pieces} pieces "
+                                 f"with {dict(fam.probe)}, found {n} pieces)")
+        else:
+            raise ValueError(f"{self.path}: unknown SentencePiece family {family!r}; expected auto, generic or "
+                             f"one of {sorted(SP_FAMILIES)}")
+        self.family = fam.name if fam else "generic"
         self.bos_id = _none_if_neg(self._sp.bos_id())
         self.eos_id = _none_if_neg(self._sp.eos_id())
         self.pad_id = _none_if_neg(self._sp.pad_id())
@@ -192,6 +304,25 @@ class SentencePieceTokenizer(Tokenizer):
         for i in range(n):
             if self._sp.IsControl(i) or i in user_defined:
                 specials[self._sp.IdToPiece(i)] = i
+        # ids decoded as their special-token string rather than by SentencePiece
+        self._special_text: dict[int, str] = {}
+        if fam is not None:
+            for k, name in enumerate(fam.appended):
+                specials[name] = n + k
+                self._special_text[n + k] = name
+            for name, piece in fam.aliases.items():
+                specials[name] = self._sp.PieceToId(piece)
+                self._special_text[specials[name]] = name
+            if fam.prefix is not None:
+                self._bos_ids = tuple(specials[t] for t in fam.prefix)
+            if fam.bos is not None:
+                self.bos_id = specials.get(fam.bos, self._sp.PieceToId(fam.bos))
+            if fam.pad is not None:
+                self.pad_id = self._sp.PieceToId(fam.pad)
+            self._add_bos = fam.add_bos
+        if isinstance(cfg.get("add_bos_token"), bool):
+            self._add_bos = cfg["add_bos_token"]
+        self.vocab_size = n + (len(fam.appended) if fam else 0)
         self.special_tokens = specials
         pieces = self._sp.EncodeAsPieces("a")
         self.add_dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
@@ -207,11 +338,29 @@ class SentencePieceTokenizer(Tokenizer):
         return list(ids[self._marker_len:])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if not self._special_text:
+            return self._sp.DecodeIds(ids)
+        # The family's own special tokens are written out; the runs between them are decoded
+        # by SentencePiece (as ChatGLM3's SPTokenizer.decode does).
+        out, run = [], []
+        for i in ids:
+            s = self._special_text.get(i)
+            if s is None:
+                run.append(i)
+                continue
+            if run:
+                out.append(self._sp.DecodeIds(run))
+                run = []
+            out.append(s)
+        if run:
+            out.append(self._sp.DecodeIds(run))
+        return "".join(out)
 
     def piece(self, i: int) -> str:
-        """The piece string of id ``i``."""
-        return self._sp.IdToPiece(int(i))
+        """The piece string of id ``i`` (the special-token name for a family's own specials)."""
+        i = int(i)
+        return self._special_text.get(i) or self._sp.IdToPiece(i)
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -300,6 +449,7 @@ def qwen_special_tokens(num_base: int = 151643) -> dict[str, int]:
 
 @dataclass(frozen=True, kw_only=True)
 class _BPESpec:
+    family: str
     pattern: str
     special_tokens: dict[str, int]
     bos: str | None
@@ -317,14 +467,14 @@ def _bpe_spec(path: Path, num_ranks: int, family: str) -> _BPESpec:
         else:
             family = "generic"
     if family == "llama3":
-        return _BPESpec(pattern=LLAMA3_PATTERN, special_tokens=llama3_special_tokens(num_ranks),
+        return _BPESpec(family="llama3", pattern=LLAMA3_PATTERN, special_tokens=llama3_special_tokens(num_ranks),
                         bos="<|begin_of_text|>", eos="<|end_of_text|>",
                         pad="<|finetune_right_pad_id|>", nfc=False)
     if family == "qwen":
-        return _BPESpec(pattern=QWEN_PATTERN, special_tokens=qwen_special_tokens(num_ranks),
+        return _BPESpec(family="qwen", pattern=QWEN_PATTERN, special_tokens=qwen_special_tokens(num_ranks),
                         bos=None, eos="<|endoftext|>", pad="<|endoftext|>", nfc=True)
     if family == "generic":
-        return _BPESpec(pattern=LLAMA3_PATTERN, special_tokens={}, bos=None, eos=None, pad=None,
+        return _BPESpec(family="generic", pattern=LLAMA3_PATTERN, special_tokens={}, bos=None, eos=None, pad=None,
                         nfc=False)
     raise ValueError(f"{path}: unknown rank-file family {family!r}; expected auto, llama3, qwen or generic")
 
@@ -363,6 +513,7 @@ class BPERankTokenizer(Tokenizer):
                     raise ValueError(
                         f"{path}:{lineno}: expected 'base64(token) rank', got {line[:60]!r}") from None
         spec = _bpe_spec(path, len(ranks), family)
+        self.family = spec.family
         self._ranks = ranks
         self._decoder = {r: b for b, r in ranks.items()}
         self.special_tokens = dict(special_tokens if special_tokens is not None else spec.special_tokens)
@@ -470,6 +621,7 @@ class HFTokenizer(Tokenizer):
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             tok.decoder = decoders.ByteLevel()
             self._tok = tok
+        self.family = "hf"
         vocab_map = self._tok.get_vocab(with_added_tokens=True)
         added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         cfg = {}
@@ -530,6 +682,7 @@ class ByteTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = 256, 257, 258
         self.vocab_size = 256 + len(names)
         self.path = "<bytes>"
+        self.family = "bytes"
 
     def _encode_text(self, text: str, first: bool) -> list[int]:
         return list(text.encode("utf-8"))
@@ -563,10 +716,18 @@ def load_tokenizer(path: str | Path | None, *, kind: str = "auto", family: str =
     ``.model`` file is SentencePiece when it parses as one, else a rank file; ``.tiktoken`` is
     a rank file; ``.json`` is Hugging Face.
 
+    The family (what the reference tokenizer adds around the file: special tokens, prefix,
+    whether it adds BOS) is detected too: rank files by name / size (Llama-3, Qwen),
+    SentencePiece models by piece count and probe pieces (:data:`SP_FAMILIES`: ChatGLM3,
+    Baichuan, Baichuan2, InternLM, InternLM2), refined by ``tokenizer_class`` of a
+    ``tokenizer_config.json`` beside the file, whose ``add_bos_token`` also sets
+    :attr:`Tokenizer.add_bos`. Anything else loads as ``generic`` (the file alone).
+
     Args:
         path: file or folder (``None`` or ``"bytes"`` with ``kind="bytes"`` gives a ByteTokenizer).
         kind: ``auto``, ``sentencepiece``, ``tiktoken``, ``hf`` or ``bytes``.
-        family: for rank files: ``auto``, ``llama3``, ``qwen`` or ``generic``.
+        family: ``auto``, ``generic``, for rank files ``llama3`` or ``qwen``, for SentencePiece
+            models a name of :data:`SP_FAMILIES`.
         vocab_size: the model's vocabulary size; if given, checked with
             :func:`check_vocab_size` (clear error on mismatch).
 
@@ -605,14 +766,28 @@ def _load_path(p: Path, kind: str, family: str) -> Tokenizer:
     if kind == "tiktoken":
         return BPERankTokenizer(p, family=family)
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(p)
+        return SentencePieceTokenizer(p, family=family, tokenizer_config=_tokenizer_config(p.parent))
     # auto: sniff. A rank file is ASCII lines of "base64 int"; a SentencePiece model is protobuf.
     with open(p, "rb") as f:
         head = f.read(256)
     first = head.split(b"\n", 1)[0].split()
     if len(first) == 2 and first[1].isdigit():
         return BPERankTokenizer(p, family=family)
-    return SentencePieceTokenizer(p)
+    return SentencePieceTokenizer(p, family=family, tokenizer_config=_tokenizer_config(p.parent))
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    """``tokenizer_config.json`` in ``folder`` ({} when absent)."""
+    f = folder / "tokenizer_config.json"
+    if not f.exists():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:

@@ -92,6 +92,8 @@ PRESETS = {
 FAMILIES = (
     Family(name="baichuan", hf_model_types=("baichuan",), hf_architecture="BaichuanForCausalLM",
            config_from_hf=config_from_hf, config_to_hf=config_to_hf, names=NAMES,
-           presets=types.MappingProxyType(PRESETS),
+           # Baichuan2's role ids; Baichuan-13B-Chat (v1 vocabulary) needs template "baichuan"
+           # (rendering checks the ids and says so).
+           chat_template="baichuan2", presets=types.MappingProxyType(PRESETS),
            reference="Baichuan / Baichuan2 remote code (modeling_baichuan.py); chatglm.cpp fixtures"),
 )

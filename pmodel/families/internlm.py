@@ -62,5 +62,6 @@ PRESETS = {
 FAMILIES = (
     Family(name="internlm", hf_model_types=("internlm",), hf_architecture="InternLMForCausalLM",
            config_from_hf=config_from_hf, config_to_hf=config_to_hf, names=LLAMA_NAMES,
-           presets=types.MappingProxyType(PRESETS), reference="InternLM remote code (modeling_internlm.py)"),
+           chat_template="internlm", presets=types.MappingProxyType(PRESETS),
+           reference="InternLM remote code (modeling_internlm.py); chatglm.cpp fixtures"),
 )

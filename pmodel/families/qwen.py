@@ -92,6 +92,6 @@ PRESETS = {
 
 FAMILIES = (
     Family(name="qwen", hf_model_types=("qwen",), hf_architecture="QWenLMHeadModel",
-           config_from_hf=config_from_hf, config_to_hf=config_to_hf, names=NAMES, chat_template="chatml",
+           config_from_hf=config_from_hf, config_to_hf=config_to_hf, names=NAMES, chat_template="qwen",
            presets=types.MappingProxyType(PRESETS), reference="Qwen remote code (modeling_qwen.py)"),
 )
