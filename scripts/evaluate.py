@@ -2,8 +2,10 @@
 """Evaluate a model on MMLU, C-Eval, BoolQ, GSM8K, HumanEval, BBH or AGIEval (ModelLink's flags).
 
 One process or many (``python -m torch.distributed.run --nproc-per-node N scripts/evaluate.py
-...``): each rank holds the whole model and evaluates every N-th batch of questions; the lead
-gathers the records, so the results equal one process. Examples::
+...``): with ``--tensor-model-parallel-size T`` (default 1) each group of T ranks holds one model
+split by tensor parallelism (each rank caches its own KV heads), and the N / T groups (data
+parallel) evaluate every (N / T)-th batch of questions; the lead gathers the records, so the
+results equal one process. Examples::
 
     python scripts/evaluate.py --task mmlu --task-data-path mmlu/data/test --load-hf llama2-7b-hf \\
         --max-new-tokens 1 --evaluation-batch-size 4 --results-file mmlu.json
@@ -13,6 +15,8 @@ gathers the records, so the results equal one process. Examples::
         --num-samples-per-task 10 --temperature 0.8 --pass-k 1 10
     python scripts/evaluate.py --task human_eval --task-data-path HumanEval.jsonl.gz \\
         --samples completions.jsonl             # score completions made elsewhere (no model)
+    python -m torch.distributed.run --nproc-per-node 4 scripts/evaluate.py --task mmlu \\
+        --task-data-path mmlu/data/test --load-hf hf_dir --tensor-model-parallel-size 2   # TP2 x DP2
 
 ``--load DIR`` reads pmodel's native (sharded, reshardable) checkpoint, the counterpart of
 ModelLink's Megatron ``--load``; the architecture flags of ModelLink's scripts are checked against
@@ -100,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--local-rank", "--local_rank", type=int, default=None, help="set by torch.distributed.launch")
     cli.add_tokenizer_flags(ap)
-    g = ap.add_argument_group("parallelism (launch with torch.distributed.run; each rank evaluates its batches)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g = ap.add_argument_group("parallelism (launch with torch.distributed.run: TP ranks share a model, data-parallel "
+                              "groups split the batches)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="ranks holding one model (tensor parallel); the world size must be a multiple")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1 (refused otherwise)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device)")
     cli.add_kernel_flags(ap)
     return ap
@@ -128,11 +134,22 @@ def validate(args) -> None:
         no("no model: give --load-hf (HF folder) or --load (native checkpoint), or --samples for HumanEval")
     if args.load_hf and args.load:
         no("--load-hf and --load both name the weights; give one")
-    for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(args, f) != 1:
-            no(f"--{f.replace('_', '-')} {getattr(args, f)}: tensor / pipeline parallel evaluation is not supported "
-               "(it needs KV-cache decoding on sharded weights); evaluation is data parallel: launch N ranks with "
-               "--tensor-model-parallel-size 1, each holds the whole model and scores every N-th batch")
+    if args.pipeline_model_parallel_size != 1:
+        no(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline-parallel evaluation is not "
+           "supported (a decode step is one token: every stage would wait on the previous one, so PP only adds "
+           "latency); split a model that does not fit one device with --tensor-model-parallel-size, and add "
+           "data-parallel ranks for throughput")
+    tp, world = args.tensor_model_parallel_size, cli.world_size()
+    if tp < 1:
+        no(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if tp > 1 and args.samples:
+        no("--samples scores given completions without a model; --tensor-model-parallel-size does not apply")
+    if tp > 1 and world == 1:
+        no(f"--tensor-model-parallel-size {tp} needs one process per rank: launch with torch.distributed.run, e.g. "
+           f"python -m torch.distributed.run --nproc-per-node {tp} scripts/{PROG} ...")
+    if world % tp:
+        no(f"world size {world} is not a multiple of --tensor-model-parallel-size {tp} (each data-parallel group "
+           f"holds one model on {tp} ranks)")
     for f in ("max_new_tokens", "evaluation_batch_size", "max_eval_samples", "micro_batch_size", "seq_length",
               "num_samples_per_task"):
         v = getattr(args, f)
@@ -173,7 +190,8 @@ def validate(args) -> None:
     if args.tokenizer_model and args.tokenizer_name_or_path:
         no("give one of --tokenizer-model and --tokenizer-name-or-path")
     if args.use_mc2:
-        no("--use-mc2 fuses sequence-parallel communication into matmuls; evaluation has no tensor parallelism")
+        no("--use-mc2 fuses sequence-parallel communication into matmuls; evaluation runs tensor parallel without "
+           "sequence parallelism (a one-token decode step cannot be split over the sequence)")
 
 
 def check_architecture(args, cfg) -> None:
@@ -264,6 +282,48 @@ def load_tok(args):
     return pmodel.data.load_tokenizer(path, kind=kind)
 
 
+def distribute(args, launch, model, params):
+    """Under torchrun: the process groups, the tensor-parallel model and this rank's shards.
+
+    Returns ``(model, params, dp_rank, dp_size, gather)``: ``gather`` all-gathers a rank's records
+    over its data-parallel group (the TP ranks of a group compute the same records; rank 0's group
+    is the one that reports), None with one data-parallel group."""
+    tp = args.tensor_model_parallel_size
+    if launch.world == 1:
+        return model, params, 0, 1, None
+    import torch.distributed as dist
+    from pmodel.parallel import Mesh
+    from pmodel.parallel.mesh import init_distributed
+    if tp > 1:
+        from pmodel.parallel.tensor import tp_size_problems
+        problems = tp_size_problems(model.config, tp)
+        if problems:
+            cli.refuse(PROG, cli.flag_message("; ".join(problems)))
+    if "MASTER_ADDR" not in os.environ:
+        cli.refuse(PROG, "WORLD_SIZE > 1 without MASTER_ADDR: launch with torch.distributed.run")
+    if launch.device.type == "cuda":
+        torch.cuda.set_device(launch.device)
+    # 30 minutes (torch's gloo default): data-parallel groups wait for each other only at the final
+    # gather, up to one batch (a HumanEval batch runs its programs too) apart.
+    init_distributed(rank=launch.rank, world_size=launch.world, device_type=launch.device.type, timeout_s=1800.0)
+    mesh = launch.mesh = Mesh.build(tp=tp, pp=1)
+    if tp > 1:
+        from pmodel.parallel.tensor import shard_params, tensor_parallel
+        try:
+            model = tensor_parallel(model, mesh)
+            params = shard_params(model, params)
+        except (ValueError, NotImplementedError) as e:
+            cli.refuse(PROG, cli.flag_message(str(e)))
+    dp, group = mesh.size("dp"), mesh.group("dp")
+    gather = None
+    if dp > 1:
+        def gather(local):
+            out = [None] * dp
+            dist.all_gather_object(out, local, group=group)
+            return out
+    return model, params, mesh.rank("dp"), dp, gather
+
+
 def data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -294,10 +354,13 @@ def main(argv=None) -> int:
     cfg_kw = dict(scoring=scoring, batch_size=bs, max_new_tokens=args.max_new_tokens, template=args.prompt_type,
                   num_samples=args.num_samples_per_task, temperature=args.temperature, top_p=args.top_p,
                   seed=args.seed, pass_k=tuple(args.pass_k), sandbox=limits, allow_unsandboxed=args.allow_unsandboxed,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress and launch.lead)
     t0 = time.perf_counter()
     info: dict = {}
+    tp, dp = args.tensor_model_parallel_size, 1
     if args.samples:
+        if not launch.lead:
+            return 0  # scoring given completions needs no model: the lead alone does it
         recs = []
         with open(args.samples, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -328,37 +391,27 @@ def main(argv=None) -> int:
             except (KeyError, ValueError) as e:
                 cli.refuse(PROG, f"--prompt-type: {e}")
         world, rank = launch.world, launch.rank
-        gather = None
-        if world > 1:
-            import torch.distributed as dist
-            if "MASTER_ADDR" not in os.environ:
-                cli.refuse(PROG, "WORLD_SIZE > 1 without MASTER_ADDR: launch with torch.distributed.run")
-            dist.init_process_group("gloo" if launch.device.type == "cpu" else None, rank=rank, world_size=world)
-
-            def gather(local):
-                out = [None] * world
-                dist.all_gather_object(out, local)
-                return out
         try:
             model, params, info = load_model(args, launch)
+            model, params, dp_rank, dp, gather = distribute(args, launch, model, params)
             seq = args.seq_length or model.config.max_position_embeddings
             if seq > model.config.max_position_embeddings:
                 cli.refuse(PROG, f"--seq-length {seq} exceeds the model's {model.config.max_position_embeddings} positions")
-            cfg = ev.EvalConfig(**cfg_kw, max_len=seq)
+            # The TP ranks of a group generate the same completions; only the first runs them.
+            first_tp = launch.mesh is None or launch.mesh.rank("tp") == 0
+            cfg = ev.EvalConfig(**cfg_kw, max_len=seq, run_code=first_tp)
             launch.say(f"evaluating {task.name} ({len(questions)} questions, {scoring if task.kind == 'choice' else task.kind}"
-                       f", batch {bs}) on {world} rank(s)")
+                       f", batch {bs}) on {world} rank(s)" + (f": tensor parallel {tp} x data parallel {dp}"
+                                                               if tp > 1 else ""))
             try:
-                result = ev.evaluate(model, params, tokenizer, task, questions, cfg, rank=rank, world=world,
+                result = ev.evaluate(model, params, tokenizer, task, questions, cfg, rank=dp_rank, world=dp,
                                      gather=gather)
             except ev.SandboxUnavailable as e:
                 cli.refuse(PROG, f"sandbox unavailable: {e} (--allow-unsandboxed runs without isolation)")
             except ValueError as e:
                 cli.refuse(PROG, str(e))
         finally:
-            if world > 1:
-                import torch.distributed as dist
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+            launch.close()
         info["tokenizer"] = getattr(tokenizer, "path", "")
     if rank != 0:
         return 0
@@ -368,7 +421,8 @@ def main(argv=None) -> int:
     out = {"task": task.name, "model": info, "data_files": [{"path": str(p.resolve()), "sha256": ev.file_sha256(p)}
                                                            for p in files],
            "settings": {**settings, "scoring": scoring if task.kind == "choice" else task.kind, "evaluation_batch_size": bs,
-                        "world_size": world, "shots": task.shots if args.num_fewshot is None else args.num_fewshot},
+                        "world_size": world, "data_parallel_size": dp,
+                        "shots": task.shots if args.num_fewshot is None else args.num_fewshot},
            "environment": {"pmodel": pmodel.__version__, "torch": torch.__version__, "python": platform.python_version()},
            "summary": summary, "records": result["records"], "seconds": round(time.perf_counter() - t0, 3)}
     path = Path(args.results_file or f"{task.name}_results.json")

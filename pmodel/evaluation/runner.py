@@ -2,7 +2,9 @@
 
 Data parallel: the questions are cut into batches of ``batch_size`` in file order and batch ``b``
 runs on rank ``b % world``, so each batch is computed exactly as in one process and the gathered
-results equal a single-process run.
+results equal a single-process run. Tensor parallel: ``model`` / ``params`` may be a TP model and
+this rank's shards (every TP rank of a data-parallel group then runs the same batches with the
+same ``rank``; ``rank`` / ``world`` / ``gather`` are the data-parallel ones).
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ class EvalConfig:
       sandbox: limits for running generated code.
       allow_unsandboxed: run generated code without namespace isolation where the kernel has none.
       progress: a progress bar on the lead rank.
+      run_code: run HumanEval completions in the sandbox. ``False`` on ranks whose records are
+        discarded (the tensor-parallel ranks other than the first of each group generate the same
+        completions): their code records say ``"not run"`` and score 0, and no program runs twice.
     """
 
     scoring: str = "generate"
@@ -53,6 +58,7 @@ class EvalConfig:
     sandbox: SandboxLimits = SandboxLimits(timeout_s=10.0)
     allow_unsandboxed: bool = False
     progress: bool = True
+    run_code: bool = True
 
     def __post_init__(self):
         if self.scoring not in ("generate", "loglikelihood"):
@@ -179,6 +185,9 @@ def _run_batch(model, params, tokenizer, task: Task, qs: Sequence[Question], cfg
 def _run_code(q: Question, completions: Sequence[str], cfg: EvalConfig) -> dict:
     results = []
     for c in completions:
+        if not cfg.run_code:
+            results.append({"completion": c, "status": "not run", "isolated": False, "error": "run_code=False"})
+            continue
         r = run_python(humaneval_program(q.data, c), limits=cfg.sandbox, allow_unsandboxed=cfg.allow_unsandboxed)
         results.append({"completion": c, "status": r.status, "isolated": r.isolated,
                         "error": "" if r.passed else (r.stderr.strip().splitlines() or [r.status])[-1][:500]})
@@ -257,14 +266,17 @@ def evaluate(model, params, tokenizer, task: str | Task, questions: Sequence[Que
     """Evaluate ``questions`` of ``task``.
 
     Args:
-      model, params: the model (plain params on one device).
+      model, params: the model: plain params on one device, or a tensor-parallel model
+        (:func:`pmodel.parallel.tensor.tensor_parallel`) and this rank's ``shard_params``; then every
+        rank of the TP group calls with the same arguments.
       tokenizer: a :class:`pmodel.data.Tokenizer`.
       task: the :class:`Task` or its name.
       questions: from :func:`pmodel.evaluation.load_questions`.
       cfg: the :class:`EvalConfig`.
-      rank, world: this process among the data-parallel ranks.
-      gather: ``local_list -> list of every rank's lists`` (e.g. ``all_gather_object``); required
-        when ``world > 1``.
+      rank, world: this process among the data-parallel ranks (its TP group's data-parallel
+        index under tensor parallelism).
+      gather: ``local_list -> list of every data-parallel rank's lists`` (e.g. ``all_gather_object``
+        over the data-parallel group); required when ``world > 1``.
 
     Returns:
       ``{"records": [...], "summary": {...}}`` on the lead rank (records in question order: the

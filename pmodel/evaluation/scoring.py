@@ -1,7 +1,13 @@
 """Model-side scoring: continuation log-likelihoods with the shared prefix run once, and batched
 greedy / sampled generation that stops at stop strings.
 
-Both take token ids (the caller tokenises) and a plain (unsharded) model and params.
+Both take token ids (the caller tokenises) and a model with its params: plain, LoRA, or tensor
+parallel (:func:`pmodel.parallel.tensor.tensor_parallel` with this rank's params from
+``shard_params``; every TP rank calls with the same requests). Under TP each rank's KV cache holds
+only its own KV heads, as in :mod:`pmodel.inference`, and the output layer runs only at the
+positions scored (a context's last token, the continuation tokens, a generated token), so the
+vocab-sharded logits gathered over the TP ranks are ``(rows, positions scored, V)``, never the
+whole prompt's.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..model import KVCache, Model
+from ..ops.weights import is_wrapper
 
 __all__ = ["LoglikelihoodRequest", "loglikelihood", "loglikelihood_naive", "loglikelihood_rolling", "generate_until",
            "choice_metrics", "pass_at_k"]
@@ -31,10 +38,23 @@ def _kv_heads(model: Model, params) -> int:
 
 
 def _device_dtype(params):
+    """Device and dtype of the embedding: a tensor, or a weight wrapper (tensor-parallel
+    ``VocabParallel``, LoRA) reporting its local tensor's."""
     emb = params["embed"]["weight"]
-    if not isinstance(emb, torch.Tensor):
-        raise TypeError(f"evaluation runs on plain (unsharded) params; the embedding is a {type(emb).__name__}")
+    if not (isinstance(emb, torch.Tensor) or is_wrapper(emb)):
+        raise TypeError(f"evaluation needs the embedding as a tensor or a weight wrapper, got {type(emb).__name__}")
     return emb.device, emb.dtype
+
+
+def _forward(model: Model, params, ids: torch.Tensor, am: torch.Tensor, cache: KVCache, last: int | None
+             ) -> torch.Tensor:
+    """``model.apply(params, ids, attention_mask=am, cache=cache)`` with the output layer run only on
+    the last ``last`` positions (all when None): logits ``(B, last, V)``."""
+    ctx = model.context(ids, attention_mask=am, cache=cache)
+    h = model.hidden(params, ids, ctx=ctx, cache=cache)
+    if last is not None:
+        h = h[:, h.shape[1] - last:]
+    return model.head(params, h, ctx)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float | None, gen: torch.Generator) -> torch.Tensor:
@@ -102,7 +122,7 @@ def loglikelihood(model: Model, params, requests: Sequence[LoglikelihoodRequest]
         am[i, Lc - len(c):] = 1
     cache = KVCache.allocate(model.config, B, Lc + max(M - 1, 0), num_layers=len(params["layers"]),
                              kv_heads=_kv_heads(model, params), dtype=dt, device=dev)
-    first = model.apply(params, ids, attention_mask=am, cache=cache)[:, -1].to(_acc(dt)).log_softmax(-1)  # (B, V)
+    first = _forward(model, params, ids, am, cache, 1)[:, -1].to(_acc(dt)).log_softmax(-1)  # (B, V)
     rows = [i for i, r in enumerate(requests) for _ in r.continuations]
     conts = [c for r in requests for c in r.continuations]
     N = len(conts)
@@ -124,7 +144,7 @@ def loglikelihood(model: Model, params, requests: Sequence[LoglikelihoodRequest]
             if len(c) > 1:
                 toks[n, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
             cam[n, Lc:Lc + len(c) - 1] = 1
-        rest = model.apply(params, toks, attention_mask=cam, cache=big).to(_acc(dt)).log_softmax(-1)  # (N, M-1, V)
+        rest = _forward(model, params, toks, cam, big, None).to(_acc(dt)).log_softmax(-1)  # (N, M-1, V)
         for n, c in enumerate(conts):
             lps = [first[rows[n]]] + [rest[n, j] for j in range(len(c) - 1)]
             total = sum(float(lp[t]) for lp, t in zip(lps, c))
@@ -239,7 +259,7 @@ def generate_until(model: Model, params, prompts: Sequence[Sequence[int]], *, ma
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     cache = KVCache.allocate(model.config, B, T + max_new_tokens, num_layers=len(params["layers"]),
                              kv_heads=_kv_heads(model, params), dtype=dt, device=dev)
-    logits = model.apply(params, ids, attention_mask=am, cache=cache)[:, -1]
+    logits = _forward(model, params, ids, am, cache, 1)[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     eos = set(int(e) for e in eos_ids)
