@@ -96,13 +96,13 @@ def _encode(item, tok, args) -> list[int]:
     if isinstance(item, tuple):  # alpaca instruction, input
         instr, inp = item
         if not args.prompt_type:
-            return tok.encode(instr + ("\n" + inp if inp else ""), bos=tok.bos_id is not None)
+            return tok.encode(instr + ("\n" + inp if inp else ""), bos=tok.add_bos)
         t = get_template(args.prompt_type)
         return render(tok, t, _with_system(args, [Message(role="user", content=t.join_input(instr, inp))]),
                       with_input=bool(inp)).ids
     if args.prompt_type:
         return render(tok, args.prompt_type, _with_system(args, [Message(role="user", content=item)])).ids
-    return tok.encode(item, bos=tok.bos_id is not None)
+    return tok.encode(item, bos=tok.add_bos)
 
 
 def _with_system(args, msgs):

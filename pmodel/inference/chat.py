@@ -32,6 +32,10 @@ def template_stops(template: ChatTemplate, tokenizer) -> tuple[list[int], list[s
     for s in template.specials:
         if s in after and tokenizer.special_tokens.get(s) is not None:
             ids.append(tokenizer.special_tokens[s])
+    # Markers the template declares as ending a reply (ChatGLM3's <|user|>, <|observation|>).
+    for s in getattr(template, "stop_markers", ()):
+        if tokenizer.special_tokens.get(s) is not None:
+            ids.append(tokenizer.special_tokens[s])
     strings = []
     head = template.user.split("{content}", 1)[0]
     head = re.sub(r"\{(bos|eos)\}", "", head)

@@ -303,7 +303,7 @@ def _encode_prompts(tokenizer, prompts, device):
     rows = []
     for p in prompts:
         if isinstance(p, str):
-            rows.append(tokenizer.encode(p, bos=tokenizer.bos_id is not None))
+            rows.append(tokenizer.encode(p, bos=tokenizer.add_bos))
         else:
             rows.append([int(i) for i in p])
     pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0

@@ -275,7 +275,7 @@ def create_app(model: Model, params, tokenizer, *, model_name: str = "pmodel", t
                 return _error(400, f"prompt: a list of {len(p)} prompts; send one prompt per request", "prompt")
             p = p[0]
         if isinstance(p, str):
-            ids = tokenizer.encode(p, bos=tokenizer.bos_id is not None)
+            ids = tokenizer.encode(p, bos=tokenizer.add_bos)
         else:
             ids = [int(i) for i in p]
             if not ids or min(ids) < 0 or max(ids) >= model.config.vocab_size:
