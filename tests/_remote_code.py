@@ -86,6 +86,10 @@ def load(folder: str, module: str = "modeling"):
             sys.modules[name] = m
             spec.loader.exec_module(m)
         sys.modules.setdefault(f.stem, sys.modules[name])
+    if folder == "aquila2":
+        # modeling_aquila.py star-imports a FlagAI `utils` module that is not part of the copied
+        # files; it is used only by the chat helper `predict`, which the tests never call.
+        sys.modules.setdefault(f"{pkg}.utils", types.ModuleType(f"{pkg}.utils"))
     f = next(d.glob(f"{module}_*.py"))
     name = f"{pkg}.{f.stem}"
     if name not in sys.modules:

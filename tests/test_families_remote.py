@@ -1,6 +1,6 @@
 """pmodel vs the official remote modeling code (../shared/data/reference_code) on tiny random
 configs, fp32: InternLM, Baichuan 7B (RoPE) / 13B (ALiBi), Baichuan2 13B (ALiBi + NormHead),
-Qwen (v1) and ChatGLM3. Table-driven: each row is a reference class, its config and the
+Qwen (v1), Aquila2 (GQA, LLaMA layout) and ChatGLM3. Table-driven: each row is a reference class, its config and the
 checkpoint config.json; every test runs on every row.
 
 Checked: logits (and on a left-padded batch), loss and every gradient within 1e-5, export ->
@@ -50,6 +50,8 @@ TABLE = {
     "qwen": ("qwen", "QWenLMHeadModel", {**_QWEN, "model_type": "qwen"}, True),
     "qwen-partial-rotary": ("qwen", "QWenLMHeadModel", {**_QWEN, "rotary_pct": 0.5, "no_bias": False,
                                                         "rotary_emb_base": 500, "model_type": "qwen"}, True),
+    "aquila2": ("aquila2", "AquilaForCausalLM", {**_LLAMA, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                                                 "model_type": "aquila"}, True),
     "chatglm3": ("chatglm3", "ChatGLMForConditionalGeneration", {**_GLM, "model_type": "chatglm"}, True),
     "chatglm3-mqa": ("chatglm3", "ChatGLMForConditionalGeneration", {**_GLM, "multi_query_group_num": 1,
                                                                      "model_type": "chatglm"}, True),
@@ -66,6 +68,11 @@ def reference(kind: str, seed: int = 0):
     for k, v in _ATTRS.items():
         if not hasattr(cfg, k):
             object.__setattr__(cfg, k, v)
+    rs = getattr(cfg, "rope_scaling", None)
+    if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default":
+        # transformers 5 turns rope_scaling=None into {"rope_type": "default", ...}; the 4.x code
+        # (Aquila2) reads None as "no scaling" and any dict as a scaling spec with a "type".
+        object.__setattr__(cfg, "rope_scaling", None)
     torch.manual_seed(seed)
     return R.perturb(cls(cfg), seed)
 
