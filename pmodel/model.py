@@ -23,7 +23,8 @@ from .ops import Kernels
 from .ops.weights import map_rows
 from .params import P
 
-__all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs", "counted_mask", "count_tokens"]
+__all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs", "counted_mask", "count_tokens",
+           "moe_losses", "moe_stats_zeros"]
 
 _NORMS = ("rms", "layer")
 _POSITIONS = ("rope", "alibi", "learned", "none")
@@ -60,6 +61,31 @@ class ModelConfig:
         (Qwen's dynamic NTK and log-n attention scaling), which pmodel does not implement.
       init_std: std of the normal init.
       dtype: parameter / activation dtype.
+      num_experts: 0 = a dense MLP in every layer; E > 0 = a mixture-of-experts layer instead
+        (SwiGLU experts, see :func:`_moe`): router logits in fp32, softmax over the E experts,
+        top ``moe_top_k``, the k weights renormalised to sum to one (Mixtral), tokens sorted by
+        expert, one grouped computation over all experts, combined with the router weights.
+      moe_top_k: experts per token.
+      moe_ffn_hidden_size: each expert's width (default ``ffn_hidden_size``).
+      moe_capacity_factor: None = dropless (every token reaches its k experts); a float = each
+        expert keeps at most ``ceil(N * k / E * factor)`` of the token-expert pairs routed to it in
+        a forward over N tokens (Megatron's capacity), chosen by ``moe_drop_policy``.
+      moe_drop_policy: ``"probs"`` (keep the pairs with the highest router weight; Megatron's
+        default) or ``"position"`` (keep the earliest tokens). Dropped pairs add nothing and the
+        kept weights are not renormalised (Megatron).
+      moe_aux_loss_coeff: weight of the load-balancing loss added to ``Model.loss``.
+      moe_aux_loss_type: ``"pooled"``: the statistics of all layers pooled, as transformers'
+        Mixtral computes ``router_aux_loss_coef * load_balancing_loss_func`` (``E * sum_e F_e
+        P_e``, F = fraction of the token-expert pairs of all layers at e, P = mean router
+        probability over all layers' tokens); ``"per_layer"``: Megatron / ModelLink's
+        ``switch_load_balancing_loss_func`` summed over layers (``E / k * sum_e f_e P_e`` per
+        layer).
+      moe_z_loss_coeff: weight of the router z-loss (``mean logsumexp(logits)^2`` per layer,
+        summed over layers; Megatron's ``--moe-z-loss-coeff``).
+      moe_router_jitter: multiplicative input noise in training (Switch); only 0 is supported
+        (the decoder has no training-mode random stream), anything else is refused.
+      moe_shared_expert_ffn: width of an always-on shared SwiGLU expert added to the routed
+        output (0 = none; for families with shared experts).
     """
 
     vocab_size: int
@@ -91,6 +117,16 @@ class ModelConfig:
     position_limit: int | None = None
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_drop_policy: str = "probs"
+    moe_aux_loss_coeff: float = 0.0
+    moe_aux_loss_type: str = "pooled"
+    moe_z_loss_coeff: float = 0.0
+    moe_router_jitter: float = 0.0
+    moe_shared_expert_ffn: int = 0
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -123,6 +159,39 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
         if self.rope_scaling is not None:
             ops.rope_inv_freq(self.rotary_dim, self.rope_theta, self.rope_scaling_dict)  # validates
+        self._check_moe()
+
+    def _check_moe(self):
+        if self.num_experts < 0:
+            raise ValueError(f"ModelConfig.num_experts must be >= 0, got {self.num_experts}")
+        if not self.num_experts:
+            return
+        if self.moe_ffn_hidden_size is None:
+            object.__setattr__(self, "moe_ffn_hidden_size", self.ffn_hidden_size)
+        bad = []
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            bad.append(f"moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.moe_ffn_hidden_size <= 0:
+            bad.append(f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be positive")
+        if self.activation != "swiglu":
+            bad.append(f"experts are SwiGLU MLPs; activation={self.activation!r} is not supported with num_experts")
+        if self.mlp_bias:
+            bad.append("experts have no biases (mlp_bias=True is not supported with num_experts)")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            bad.append(f"moe_capacity_factor must be positive or None (dropless), got {self.moe_capacity_factor}")
+        if self.moe_drop_policy not in ops.moe.DROP_POLICIES:
+            bad.append(f"moe_drop_policy must be one of {ops.moe.DROP_POLICIES}, got {self.moe_drop_policy!r}")
+        if self.moe_aux_loss_type not in ("pooled", "per_layer"):
+            bad.append(f"moe_aux_loss_type must be 'pooled' or 'per_layer', got {self.moe_aux_loss_type!r}")
+        if self.moe_aux_loss_coeff < 0 or self.moe_z_loss_coeff < 0:
+            bad.append("moe_aux_loss_coeff / moe_z_loss_coeff must be >= 0")
+        if self.moe_router_jitter:
+            bad.append(f"moe_router_jitter={self.moe_router_jitter}: router jitter is not implemented (the "
+                       "decoder has no training-mode random stream); use 0")
+        if self.moe_shared_expert_ffn < 0:
+            bad.append(f"moe_shared_expert_ffn must be >= 0, got {self.moe_shared_expert_ffn}")
+        if bad:
+            raise ValueError("ModelConfig (mixture of experts): " + "; ".join(bad))
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -183,6 +252,27 @@ def _linear_defs(out_f, in_f, out_axis, in_axis, bias: bool, std: float) -> dict
     return d
 
 
+def _moe_defs(cfg: ModelConfig) -> dict:
+    """An MoE layer: a router ``(E, D)`` (replicated everywhere: every rank routes its tokens) and
+    the experts' SwiGLU weights stacked ``(E, out, in)``. The expert width has no logical axis of
+    its own (None), so tensor parallelism leaves experts whole; ``experts -> ep`` splits them."""
+    E, D, Fe, std = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.init_std
+    d = {
+        "router": {"weight": P(shape=(E, D), axes=(None, "embed"), std=std)},
+        "experts": {
+            "gate_proj": P(shape=(E, Fe, D), axes=("experts", None, "embed"), std=std),
+            "up_proj": P(shape=(E, Fe, D), axes=("experts", None, "embed"), std=std),
+            "down_proj": P(shape=(E, D, Fe), axes=("experts", "embed", None), std=std),
+        },
+    }
+    if cfg.moe_shared_expert_ffn:
+        S = cfg.moe_shared_expert_ffn
+        d["shared"] = {"gate_proj": _linear_defs(S, D, "mlp", "embed", False, std),
+                       "up_proj": _linear_defs(S, D, "mlp", "embed", False, std),
+                       "down_proj": _linear_defs(D, S, "embed", "mlp", False, std)}
+    return d
+
+
 def decoder_defs(cfg: ModelConfig) -> dict:
     """The parameter declarations of the decoder (nothing allocated)."""
     D, Dh, std = cfg.hidden_size, cfg.head_dim, cfg.init_std
@@ -206,6 +296,8 @@ def decoder_defs(cfg: ModelConfig) -> dict:
                 "up_proj": _linear_defs(F, D, "mlp", "embed", cfg.mlp_bias, std),
                 "down_proj": _linear_defs(D, F, "embed", "mlp", cfg.mlp_bias, std),
             }
+        if cfg.num_experts:
+            mlp = _moe_defs(cfg)
         return {"input_norm": _norm_defs(cfg), "attn": attn, "post_attn_norm": _norm_defs(cfg), "mlp": mlp}
 
     defs: dict = {"embed": {"weight": P(shape=(cfg.padded_vocab_size, D), axes=("vocab", "embed"), std=std)}}
@@ -270,6 +362,9 @@ class Context:
     # Replaces ``ops.attention`` for the attention core (same signature); transforms such as
     # selective recompute set it per forward without rebuilding the block. None = ops.attention.
     attention_core: Callable | None = None
+    # (B, T) True = a real token (from attention_mask); None = every token. MoE router
+    # statistics count only real tokens (padding is routed but not counted, as transformers).
+    token_valid: torch.Tensor | None = None
 
 
 def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, attention_mask=None,
@@ -331,7 +426,7 @@ def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, a
         window=cfg.sliding_window, key_valid=key_valid, q_doc=doc, k_doc=doc)
 
     ctx = Context(positions=position_ids, mask=mask, cache=cache, start=start, cu_seqlens=cu_seqlens,
-                  kernels=kernels or Kernels())
+                  kernels=kernels or Kernels(), token_valid=am)
     if cfg.position == "rope":
         inv = ops.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         ctx.cos, ctx.sin = ops.rope_cos_sin(position_ids, inv, dtype or cfg.dtype)
@@ -388,6 +483,58 @@ def _mlp(cfg: ModelConfig, p: dict, x: torch.Tensor, kernels: Kernels) -> torch.
     return _lin(p["down_proj"], h, kernels)
 
 
+def _moe(cfg: ModelConfig, p: dict, x: torch.Tensor, ctx: Context, kernels: Kernels):
+    """The mixture-of-experts MLP: ``(B, T, D) -> ((B, T, D), router statistics)``.
+
+    Router logits in fp32; softmax over experts, top-k, renormalised (Mixtral); dropless unless
+    ``moe_capacity_factor`` is set (Megatron's capacity and drop policy, see ModelConfig); the
+    token-expert pairs sorted by expert (``ops.moe_dispatch``), the experts' SwiGLU MLPs as one
+    grouped computation (``ops.grouped_mlp``; an expert-parallel wrapper exchanges the rows
+    there), and the rows combined with the router weights (``ops.moe_combine``).
+    """
+    B, T, D = x.shape
+    xf = x.reshape(B * T, D)                                                 # (N, D)
+    rw = p["router"]["weight"]
+    if not isinstance(rw, torch.Tensor):
+        raise TypeError(f"the MoE router weight must be a plain tensor, got {type(rw).__name__}")
+    logits = torch.nn.functional.linear(xf.float(), rw.float())              # (N, E) fp32
+    E, k = cfg.num_experts, cfg.moe_top_k
+    probs, weights, experts = ops.moe_route(logits, k)                       # (N, E), (N, k), (N, k)
+    keep = None
+    if cfg.moe_capacity_factor is not None:
+        cap = ops.moe_capacity(B * T, E, k, cfg.moe_capacity_factor)
+        keep = ops.moe_capacity_keep(experts, weights, E, cap, cfg.moe_drop_policy)
+    xs, routed = ops.moe_dispatch(xf, experts, E, keep, kernels=kernels)    # (M, D) grouped by expert
+    ex = p["experts"]
+    ys = ops.grouped_mlp(xs, routed.counts, ex["gate_proj"], ex["up_proj"], ex["down_proj"], kernels=kernels)
+    out = ops.moe_combine(ys, weights, routed, kernels=kernels).view(B, T, D)
+    if "shared" in p:
+        out = out + _mlp(cfg, p["shared"], x, kernels)
+    stats = ops.router_stats(logits, probs, experts, ctx.token_valid, k)
+    stats["dropped"] = routed.dropped.float().reshape(())
+    stats["pairs"] = probs.new_tensor(float(B * T * k))
+    return out, stats
+
+
+def moe_stats_zeros(cfg: ModelConfig, device=None) -> dict:
+    """The empty sum of :func:`_moe`'s per-layer statistics (the start of an MoE carry)."""
+    E = cfg.num_experts
+    z = torch.zeros((), device=device)
+    return {"counts": torch.zeros(E, device=device), "prob_sum": torch.zeros(E, device=device), "tokens": z,
+            "z_sum": z, "z_mean": z, "layer_lb": z, "layers": z, "dropped": z, "pairs": z}
+
+
+def moe_losses(cfg: ModelConfig, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(load_balancing_loss, z_loss)`` (coefficients not applied) from the statistics summed
+    over the layers of one forward (see ``ModelConfig.moe_aux_loss_type``)."""
+    if cfg.moe_aux_loss_type == "pooled":
+        n = stats["tokens"].clamp(min=1)                                     # layers x tokens
+        lb = cfg.num_experts * ((stats["counts"] / n) * (stats["prob_sum"] / n)).sum()
+    else:
+        lb = stats["layer_lb"]
+    return lb, stats["z_mean"]
+
+
 def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | None = None) -> "Model":
     """The decoder ``Model`` for ``cfg``.
 
@@ -413,6 +560,19 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         h = h + _attention(cfg, p["attn"], _norm(cfg, p["input_norm"], h, kernels), ctx, layer, kernels)
         return h + _mlp(cfg, p["mlp"], _norm(cfg, p["post_attn_norm"], h, kernels), kernels)
 
+    def moe_block(p, carry, ctx: Context, layer: int):
+        # An MoE decoder's residual carry is (h, router statistics summed so far): the
+        # statistics travel with the activations through every layer runner (recompute, tensor
+        # parallel), never through mutable state.
+        if isinstance(carry, torch.Tensor):
+            raise TypeError("an MoE block takes the carry (h, router statistics) that Model.hidden_aux starts; "
+                            "a runner passing bare activations (pipeline stages) is not supported for MoE yet")
+        h, acc = carry
+        kernels = ctx.kernels
+        h = h + _attention(cfg, p["attn"], _norm(cfg, p["input_norm"], h, kernels), ctx, layer, kernels)
+        out, stats = _moe(cfg, p["mlp"], _norm(cfg, p["post_attn_norm"], h, kernels), ctx, kernels)
+        return h + out, {key: acc[key] + stats[key].to(acc[key].device) for key in acc}
+
     def out_weight(params):
         w = params["embed"]["weight"] if cfg.tie_embeddings else params["lm_head"]["weight"]
         if cfg.head_norm:  # Baichuan2's NormHead: unit rows (row-local, so vocab shards normalise alone)
@@ -429,7 +589,7 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         x = _norm(cfg, params["final_norm"], h, kernels)
         return ops.linear_cross_entropy(x, out_weight(params), labels, weights, kernels=kernels)
 
-    return Model(config=cfg, defs=decoder_defs(cfg), embed=embed, block=block, head=head,
+    return Model(config=cfg, defs=decoder_defs(cfg), embed=embed, block=moe_block if cfg.num_experts else block, head=head,
                  head_loss=head_loss, kernels=kernels, family=family)
 
 
@@ -496,11 +656,21 @@ class Model:
         if ctx is None:
             ctx = self.context(tokens, position_ids=position_ids, attention_mask=attention_mask,
                                cu_seqlens=cu_seqlens, cache=cache)
+        return self.hidden_aux(params, tokens, ctx=ctx, cache=cache)[0]
+
+    def hidden_aux(self, params, tokens, *, ctx: Context, cache: KVCache | None = None):
+        """``(h, stats)``: final hidden states and, for an MoE model, the router statistics summed
+        over its layers (:func:`moe_losses` turns them into the auxiliary losses); None for a
+        dense model."""
         h = self.embed(params, tokens, ctx)
-        h = self.run_layers(params["layers"], h, ctx, 0)
+        stats = None
+        if self.config.num_experts:
+            h, stats = self.run_layers(params["layers"], (h, moe_stats_zeros(self.config, h.device)), ctx, 0)
+        else:
+            h = self.run_layers(params["layers"], h, ctx, 0)
         if cache is not None:
             cache.length = ctx.start + tokens.shape[1]
-        return h
+        return h, stats
 
     def run_layers(self, layer_params: list, h: torch.Tensor, ctx: Context, first: int = 0) -> torch.Tensor:
         """Run blocks ``first, first + 1, ...`` over ``layer_params`` (a pipeline stage's slice)."""
@@ -535,6 +705,13 @@ class Model:
 
         Returns:
           ``(loss, aux)`` with ``aux = {"num_tokens", "loss_sum", "per_token"}`` (detached).
+          An MoE model adds ``moe_aux_loss_coeff * lb + moe_z_loss_coeff * z`` to the loss, times
+          this micro-batch's share of the denominator (``n / num_tokens``: 1 for a whole batch,
+          so accumulated micro-batches sum to the per-micro-batch mean), and reports (detached)
+          ``moe_aux_loss`` (lb), ``moe_z_loss`` (z), ``moe_dropped`` (token-expert pairs dropped
+          by the capacity), ``moe_pairs`` (pairs routed), ``moe_expert_counts`` ``(E,)`` (pairs
+          per expert, valid tokens, summed over layers) and ``moe_weight`` (the share). ``loss_sum``
+          stays the cross-entropy sum.
         """
         tokens = batch["tokens"]
         mask = counted_mask(batch)
@@ -544,7 +721,17 @@ class Model:
         weights = mask.float() / denom
         ctx = self.context(tokens, position_ids=batch.get("position_ids"),
                            attention_mask=batch.get("attention_mask"), cu_seqlens=batch.get("cu_seqlens"))
-        h = self.hidden(params, tokens, ctx=ctx)
+        h, stats = self.hidden_aux(params, tokens, ctx=ctx)
         loss, per_token = self.head_loss(params, h, labels, weights, ctx)
         aux = {"num_tokens": n.detach(), "loss_sum": per_token.sum().detach(), "per_token": per_token}
+        if stats is not None:
+            cfg = self.config
+            lb, z = moe_losses(cfg, stats)
+            share = n / denom
+            extra = cfg.moe_aux_loss_coeff * lb + cfg.moe_z_loss_coeff * z
+            if cfg.moe_aux_loss_coeff or cfg.moe_z_loss_coeff:
+                loss = loss + (share * extra).to(loss.dtype)
+            aux.update(moe_aux_loss=lb.detach(), moe_z_loss=z.detach(), moe_dropped=stats["dropped"].detach(),
+                       moe_pairs=stats["pairs"].detach(), moe_expert_counts=stats["counts"].detach(),
+                       moe_weight=torch.as_tensor(share).detach())
         return loss, aux

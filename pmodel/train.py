@@ -158,11 +158,36 @@ def _seq_len(batch) -> int:
     return int(mb["tokens"].shape[1])
 
 
+class _StopRequested(RuntimeError):
+    """A termination signal arrived: stop at this step boundary (a failure checkpoint follows)."""
+
+
+def _drop_records_after(path: Path, step: int) -> int:
+    """Remove metric records of steps after ``step`` from a JSON-lines file; how many were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError, TypeError):
+            later = False
+        if later:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+    return dropped
+
+
 def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterator], *, loop: LoopConfig,
           evaluate: Callable | None = None, eval_data: Callable[[], Iterable] | None = None,
           save: Callable | None = None, state: TrainState | None = None, config: ModelConfig | None = None,
           lead: bool = True, log: Callable[[str], None] | None = None,
-          profiler=None) -> tuple[Any, Any, TrainState, list[dict]]:
+          profiler=None, resilience=None) -> tuple[Any, Any, TrainState, list[dict]]:
     """Run the training loop from ``state`` until ``loop.train_iters``.
 
     Args:
@@ -183,6 +208,16 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
       profiler: a :class:`pmodel.profiling.StepProfiler` (on the ranks that profile): it records
         its window of steps (numbered like Megatron's iteration: the steps done before it runs)
         and writes its trace when the window ends, or at the end of the loop.
+      resilience: a :class:`pmodel.resilience.Resilience`: a local copy of each step's starting
+        state, the integrity check after each step (a failed check restores the copy and redoes
+        the step with the same batch; a ``{"event": "redo"}`` record says so), and the failure
+        checkpoint (on an exception, or a stop request from a signal at a step boundary, the
+        survivors write the last completed step, then :class:`~pmodel.resilience.TrainingInterrupted`
+        is raised).
+
+    When resuming (``state.step > 0``) the lead drops records of later steps from
+    ``loop.metrics_path`` (they belong to steps rolled back by a failure), so the file holds each
+    step once.
 
     Returns:
       ``(params, opt_state, state, history)``; ``history`` is the list of logged metric dicts.
@@ -198,6 +233,7 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
     metrics_file = None
     if lead and loop.metrics_path:
         Path(loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        dropped = _drop_records_after(Path(loop.metrics_path), state.step) if state.step > 0 else 0
         metrics_file = open(loop.metrics_path, "a")
     bar = None
     if lead and loop.progress and state.step < loop.train_iters:
@@ -210,6 +246,8 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
             printer(line)
 
     history: list[dict] = []
+    if lead and loop.metrics_path and dropped:
+        say(f"metrics: dropped {dropped} records of steps after {state.step} (rolled back) from {loop.metrics_path}")
 
     def emit(rec: dict):
         history.append(rec)
@@ -234,21 +272,48 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
     win = fresh_window()
     total_skipped = 0
     saved_at, ran = None, False
+    res = resilience
+    in_step = False
+    if res is not None:
+        res.start()
     try:
         while state.step < loop.train_iters:
+            if res is not None and res.stop_requested:
+                raise _StopRequested(f"signal {res.signal} received")
             try:
                 batch = next(it)
             except StopIteration:
                 raise RuntimeError(f"training data ran out at iteration {state.step} "
                                    f"({state.consumed_samples} samples consumed)") from None
             k = state.step
+            in_step = True
+            if res is not None:
+                res.begin(k, params, opt_state)
             if profiler is not None:
                 profiler.begin(k)
-                with profiler.annotate(k):
-                    params, opt_state, m = step(params, opt_state, batch)
+            attempt = 0
+            while True:
+                if profiler is not None:
+                    with profiler.annotate(k):
+                        params, new_state, m = step(params, opt_state, batch)
+                else:
+                    params, new_state, m = step(params, opt_state, batch)
+                problem = res.check(params, new_state, m) if res is not None else None
+                if problem is None:
+                    break
+                attempt += 1
+                if attempt > res.integrity.max_redo:
+                    raise RuntimeError(f"iteration {k + 1}: integrity check failed again after {attempt - 1} "
+                                       f"redo(s): {problem}; the fault repeats with the same batch (diverging "
+                                       "data or model?)")
+                params, opt_state = res.restore(params, opt_state)
+                emit({"step": k + 1, "event": "redo", "problem": problem, "attempt": attempt})
+                say(f"iter {k + 1}: integrity check failed: {problem}; restored the state before the step from the "
+                    f"local copy and redoing it (redo {attempt})")
+            if profiler is not None:
                 profiler.end(k, device)
-            else:
-                params, opt_state, m = step(params, opt_state, batch)
+            opt_state = new_state
+            in_step = False
             ran = True
             state.step += 1
             state.consumed_samples += m["samples"]
@@ -292,7 +357,27 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
             run_eval()
         if save is not None and ran and saved_at != state.step:
             do_save()
+    except (Exception, KeyboardInterrupt) as e:
+        if res is None or res.failure is None:
+            raise
+        from .resilience import TrainingInterrupted
+        reason = f"{type(e).__name__}: {e}"
+        # Every rank logs its own failure (the lead may be the one that died).
+        printer(f"rank {res.plan.mesh.global_rank}: failure at iteration {state.step + (1 if in_step else 0)} "
+                f"({'inside' if in_step else 'between'} steps): {reason.splitlines()[0][:300]}")
+        try:
+            path, d = res.on_failure(state, params, opt_state, in_step=in_step, reason=reason, log=printer)
+        except Exception as e2:  # noqa: BLE001 - report, then stop as intended
+            printer(f"rank {res.plan.mesh.global_rank}: failure checkpoint not written: {type(e2).__name__}: {e2}")
+            path, d = None, None
+        if d is not None and d.get("step") is not None and res.plan.mesh.global_rank == d["lead"]:
+            printer(f"failure checkpoint at iteration {d['step']} written by ranks {d['writers']} "
+                    f"(dead or missing: {d['dead']}): {path}")
+        raise TrainingInterrupted(f"training stopped at iteration {state.step}: {reason.splitlines()[0][:300]}",
+                                  step=state.step, checkpoint=path) from e
     finally:
+        if res is not None:
+            res.close()
         if profiler is not None:
             profiler.close(device)
         if bar is not None:

@@ -107,13 +107,27 @@ def add_parallel_flags(ap) -> None:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each gradient bucket during backward (needs dp > 1, pp = 1)")
     g.add_argument("--enable-high-availability", action="store_true",
-                   help="replica optimizer: each optimizer shard held by two dp ranks")
+                   help="replica optimizer (each optimizer shard held by two dp ranks) and, with --save, a failure "
+                        "checkpoint: when a rank fails, the survivors write the last completed step (docs/operations.md)")
+    g.add_argument("--enable-optimizer-state-local-copy", action="store_true",
+                   help="keep a copy of the optimizer state at each step's start, so a rank stopped in the middle of "
+                        "its optimizer update rolls back and still contributes to the failure checkpoint")
+    g.add_argument("--integrity-check", action="store_true",
+                   help="after every step, check for non-finite gradients / parameters; on a fault restore the "
+                        "step's starting state (a local copy) and redo the step")
+    g.add_argument("--integrity-checksum", action="store_true",
+                   help="also compare a checksum of the replica optimizer's two copies of every shard "
+                        "(needs --enable-high-availability)")
+    g.add_argument("--integrity-max-redo", type=int, help="redo a faulty step at most this often (default 1)")
     g.add_argument("--num-layer-list", help="comma-separated layers per pipeline stage (uneven split), e.g. 1,3")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
                    help="layers per model chunk: the interleaved schedule's virtual stages")
     g.add_argument("--pipeline-schedule", choices=("1f1b", "interleaved", "zero-bubble"),
                    help="default: interleaved with virtual stages, else 1f1b")
     g.add_argument("--device", default="cpu", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device)")
+    g.add_argument("--distributed-timeout-minutes", type=float,
+                   help="collective timeout of every process group (default: torch's, 30 minutes on gloo): a peer "
+                        "that stops answering makes a collective fail after this long")
     g.add_argument("--use-deter-comp", action="store_true",
                    help="deterministic computation: every RNG seeded from --seed, deterministic kernels only, "
                         "data-parallel sums in a fixed rank order (and CUBLAS_WORKSPACE_CONFIG / HCCL_DETERMINISTIC "
@@ -286,6 +300,28 @@ def validate_common(args, prog: str) -> None:
         no("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the sequence over the TP group)")
     if args.enable_high_availability and not args.use_distributed_optimizer:
         no("--enable-high-availability (replica optimizer) needs --use-distributed-optimizer")
+    if args.distributed_timeout_minutes is not None and not args.distributed_timeout_minutes > 0:
+        no(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
+    if args.enable_optimizer_state_local_copy:
+        if not args.enable_high_availability:
+            no("--enable-optimizer-state-local-copy serves the failure checkpoint of --enable-high-availability; "
+               "add it")
+        if not getattr(args, "save", None):
+            no("--enable-optimizer-state-local-copy: the failure checkpoint it serves is written into --save, "
+               f"which {prog} " + ("was not given" if hasattr(args, "save") else "does not have (it writes no "
+                                   "training checkpoints)"))
+        if args.distributed_timeout_minutes is None:
+            no("--enable-optimizer-state-local-copy needs --distributed-timeout-minutes: a survivor blocked in a "
+               "collective with a dead peer must give up well before the launcher kills it (torchrun sends SIGKILL "
+               "30 s after SIGTERM), e.g. --distributed-timeout-minutes 0.25")
+    if args.integrity_checksum and not args.enable_high_availability:
+        no("--integrity-checksum compares the replica optimizer's two copies of each shard: it needs "
+           "--enable-high-availability")
+    if args.integrity_max_redo is not None:
+        if not (args.integrity_check or args.integrity_checksum):
+            no("--integrity-max-redo needs --integrity-check or --integrity-checksum")
+        if args.integrity_max_redo < 1:
+            no(f"--integrity-max-redo must be >= 1, got {args.integrity_max_redo}")
     pp, v = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
     if pp == 1:
         for flag, val in (("--num-layer-list", args.num_layer_list),
@@ -384,6 +420,8 @@ class Launch:
         self.device = dev
         self.prog = prog
         self.mesh = None
+        minutes = getattr(args, "distributed_timeout_minutes", None)
+        self.timeout_s = minutes * 60.0 if minutes is not None else None
         if getattr(args, "use_deter_comp", False):
             self.deterministic(args.seed)
 
@@ -466,9 +504,39 @@ class Launch:
                 refuse(self.prog, "WORLD_SIZE > 1 without MASTER_ADDR: launch with torch.distributed.run")
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            init_distributed(rank=self.rank, world_size=self.world, device_type=self.device.type)
-            self.mesh = Mesh.build(tp=lay["tp"], pp=lay["pp"])
+            timeout = self.timeout_s
+            kw = {"timeout_s": timeout} if timeout is not None else {}
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torch.distributed.run keeps one store across restarts: rendezvous under a prefix
+                # of this attempt, or a restarted job finds the previous attempt's gloo addresses.
+                import torch.distributed as dist
+                kw["store"] = dist.PrefixStore(f"pmodel/{self.attempt}", self._agent_store())
+            init_distributed(rank=self.rank, world_size=self.world, device_type=self.device.type, **kw)
+            self.mesh = Mesh.build(tp=lay["tp"], pp=lay["pp"], timeout_s=timeout)
         return self.mesh
+
+    @property
+    def attempt(self) -> str:
+        return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def _agent_store(self):
+        import datetime
+
+        import torch.distributed as dist
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=max(60.0, self.timeout_s or 0.0)),
+                             wait_for_workers=False)
+
+    def store(self):
+        """The key-value store the failure checkpoint coordinates over, and a key prefix unique to
+        this launch attempt. Under torch.distributed.run it is the agent's store, which outlives
+        every rank; otherwise the default group's (hosted by rank 0: a failure of rank 0 takes it
+        along, and no failure checkpoint is written then)."""
+        import torch.distributed as dist
+        prefix = f"pmodel-ha/{self.attempt}"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return self._agent_store(), prefix, True
+        return dist.distributed_c10d._get_default_store(), prefix, False
 
     def close(self) -> None:
         if self.world > 1:
@@ -535,10 +603,13 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
                 note += f" (parameters cast from {man['cast_from']})"
             launch.say(f"{'loaded' if args.finetune else 'resumed from'} {man['dir']} at iteration {state.step} "
                        f"({state.consumed_samples} samples consumed){' parameters only' if params_only else ''}{note}")
+    ckpt_save = None
     if save is None and getattr(args, "save", None):
-        def save(st, p, o):
+        def save(st, p, o, writer=None):
             return plan.save_checkpoint(args.save, st.step, p, o, config=cfg_dict,
-                                        data={"consumed_samples": st.consumed_samples}, extra=extra)
+                                        data={"consumed_samples": st.consumed_samples}, extra=extra, writer=writer)
+        ckpt_save = save
+    resilience = resilience_of(args, launch, plan, ckpt_save)
     metrics = args.metrics_file or (str(Path(args.save) / "metrics.jsonl") if getattr(args, "save", None) else None)
     eval_iters = 100 if args.eval_iters is None else args.eval_iters
     loop = LoopConfig(train_iters=args.train_iters, log_interval=args.log_interval, eval_interval=args.eval_interval,
@@ -547,7 +618,39 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
                       world_size=launch.world)
     return train(plan.step, params, opt_state, train_data, loop=loop,
                  evaluate=plan.evaluate if eval_data is not None else None, eval_data=eval_data, save=save,
-                 state=state, config=config, lead=launch.lead, profiler=profiler_of(args, launch))
+                 state=state, config=config, lead=launch.lead, profiler=profiler_of(args, launch),
+                 resilience=resilience)
+
+
+def resilience_of(args, launch: Launch, plan, ckpt_save):
+    """The :class:`pmodel.resilience.Resilience` of the flags (None without any): the integrity
+    check (--integrity-check / --integrity-checksum) and, with --enable-high-availability and
+    --save, the failure checkpoint (SIGTERM handled: it becomes a stop at the next step boundary)."""
+    from pmodel.resilience import FailureCheckpoint, IntegrityConfig, Resilience
+    integrity = None
+    if args.integrity_check or args.integrity_checksum:
+        integrity = IntegrityConfig(nonfinite=args.integrity_check, checksum=args.integrity_checksum,
+                                    max_redo=args.integrity_max_redo or 1)
+    failure = None
+    if args.enable_high_availability and ckpt_save is not None:
+        store, prefix, agent = launch.store()
+        if not agent:
+            launch.say("high availability: not launched by torch.distributed.run, so the failure checkpoint "
+                       "coordinates over rank 0's store (a failure of rank 0 leaves no failure checkpoint)")
+        if launch.timeout_s is None:
+            launch.say("high availability: without --distributed-timeout-minutes a survivor blocked in a collective "
+                       "with a dead peer waits torch's default timeout (30 minutes on gloo), longer than a "
+                       "launcher's grace before SIGKILL (torchrun: 30 s): only the dead rank's direct peers may get "
+                       "to write the failure checkpoint")
+        failure = FailureCheckpoint(plan, ckpt_save, store=store, prefix=prefix,
+                                    peer_timeout_s=launch.timeout_s or 1800.0,
+                                    local_copy=args.enable_optimizer_state_local_copy)
+    if integrity is None and failure is None:
+        return None
+    res = Resilience(plan, integrity=integrity, failure=failure)
+    if failure is not None:
+        res.install_signal_handlers()
+    return res
 
 
 def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_samples=None):

@@ -149,6 +149,10 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         bad = [k for k, v in unused.items() if v is not None]
         if bad:
             p.error(f"{bad} apply to raw .json/.jsonl records; {a.data_path} is a preprocessed prefix")
+    if a.enable_optimizer_state_local_copy:
+        cli.refuse(PROG, "--enable-optimizer-state-local-copy serves the failure checkpoint, a training checkpoint; "
+                         "finetune.py writes adapters / HF checkpoints only (--save is its output folder), so there is "
+                         "no failure checkpoint (use pretrain.py for resumable runs)")
     cli.validate_common(a, PROG)
 
 

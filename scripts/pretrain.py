@@ -25,6 +25,7 @@ any parallel layout (resharded on load); under the same layout the run continues
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import cli_common as cli  # noqa: E402
 import pmodel  # noqa: E402
 from pmodel import data as pdata  # noqa: E402
 from pmodel.model import ModelConfig, build  # noqa: E402
+from pmodel.resilience import TrainingInterrupted  # noqa: E402
 
 PROG = "pretrain.py"
 
@@ -249,8 +251,15 @@ def main(argv=None) -> int:
                    f"{args.use_distributed_optimizer}, overlap {args.overlap_grad_reduce}, high availability "
                    f"{args.enable_high_availability}")
         t0 = time.perf_counter()
-        _, _, state, hist = cli.run(args, launch, plan, params, opt_state, train_data, eval_data=eval_data,
-                                    config=cfg, extra={"args": vars(args), "family": family})
+        try:
+            _, _, state, hist = cli.run(args, launch, plan, params, opt_state, train_data, eval_data=eval_data,
+                                        config=cfg, extra={"args": vars(args), "family": family})
+        except TrainingInterrupted as e:
+            # The process group may be broken (a dead peer): leave without tearing it down, which
+            # could block; the launcher restarts the job from the failure checkpoint.
+            print(f"{PROG}: rank {launch.rank}: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
         logs = [h for h in hist if "loss" in h]
         launch.say(f"done: {state.step} iterations, {state.consumed_samples} samples, final loss "
                    f"{logs[-1]['loss'] if logs else float('nan'):.4f}, {time.perf_counter() - t0:.1f}s")

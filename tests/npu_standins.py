@@ -185,6 +185,74 @@ def hccl_group(ranks):
     return group
 
 
+# ----------------------------------------------------------------------------- MoE (torch_npu 2.1+ docs)
+MOE_SCHEMAS = {
+    "npu_moe_init_routing": ("npu_moe_init_routing(Tensor x, Tensor row_idx, Tensor expert_idx, int active_num) "
+                             "-> (Tensor, Tensor, Tensor)"),
+    "npu_moe_compute_expert_tokens": ("npu_moe_compute_expert_tokens(Tensor sorted_expert_for_source_row, "
+                                      "int num_expert) -> Tensor"),
+    "npu_grouped_matmul": (
+        "npu_grouped_matmul(Tensor[] x, Tensor[] weight, *, Tensor[]? bias=None, Tensor[]? scale=None, "
+        "Tensor[]? offset=None, Tensor[]? antiquant_scale=None, Tensor[]? antiquant_offset=None, "
+        "Tensor[]? per_token_scale=None, Tensor? group_list=None, Tensor[]? activation_input=None, "
+        "Tensor[]? activation_quant_scale=None, Tensor[]? activation_quant_offset=None, int? split_item=0, "
+        "int? group_type=None, int? group_list_type=0, int? act_type=0, ScalarType? output_dtype=None) -> Tensor[]"),
+    "npu_moe_finalize_routing": (
+        "npu_moe_finalize_routing(Tensor expanded_permuted_rows, Tensor? skip1, Tensor? skip2, Tensor? bias, "
+        "Tensor? scales, Tensor expanded_src_to_dst_row, Tensor? export_for_source_row, int? drop_pad_mode=0) -> Tensor"),
+}
+
+
+def _moe_init_routing(x, row_idx, expert_idx, active_num):
+    """Pairs sorted by expert (ties by the row_idx value); expanded_x[d] = x[src % N];
+    expanded_row_idx[src] = d (source -> destination)."""
+    assert x.dim() == 2 and row_idx.shape == expert_idx.shape and expert_idx.dim() == 2
+    assert row_idx.dtype == torch.int32 and expert_idx.dtype == torch.int32
+    N, k = expert_idx.shape
+    assert active_num >= N  # pmodel keeps every row active
+    src = row_idx.reshape(-1).long()
+    key = expert_idx.reshape(-1).long() * (N * k) + src
+    order = torch.argsort(key)
+    sorted_src = src[order]
+    src_to_dst = torch.empty(N * k, dtype=torch.int32)
+    src_to_dst[sorted_src] = torch.arange(N * k, dtype=torch.int32)
+    return x[sorted_src % N].clone(), src_to_dst, expert_idx.reshape(-1)[order].clone()
+
+
+def _moe_compute_expert_tokens(sorted_expert, num_expert):
+    assert bool((sorted_expert[1:] >= sorted_expert[:-1]).all()), "experts must be sorted"
+    return torch.searchsorted(sorted_expert.long(), torch.arange(num_expert), right=True).to(torch.int32)
+
+
+def _grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                    per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
+                    activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
+                    output_dtype=None):
+    # the single-tensor form pmodel uses: x=[(M, K)], weight=[(E, K, N)], cumulative group_list (E,)
+    assert len(x) == 1 and len(weight) == 1 and split_item in (2, 3) and group_type == 0 and group_list_type == 0
+    assert bias is None and scale is None and act_type == 0 and group_list is not None
+    xs, w = x[0], weight[0]
+    assert xs.dim() == 2 and w.dim() == 3 and w.shape[1] == xs.shape[1] and group_list.numel() == w.shape[0]
+    ends = group_list.long().tolist()
+    assert ends == sorted(ends) and ends[-1] == xs.shape[0], (ends, xs.shape)
+    starts = [0] + ends[:-1]
+    return [torch.cat([xs[a:b] @ w[e] for e, (a, b) in enumerate(zip(starts, ends))], 0)]
+
+
+def _moe_finalize_routing(rows, skip1, skip2, bias, scales, src_to_dst, experts, drop_pad_mode=0):
+    assert drop_pad_mode == 0
+    N, k = scales.shape
+    dst = src_to_dst.long().view(k, N).t()                      # (N, k)
+    picked = rows[dst]                                           # (N, k, H)
+    if bias is not None:
+        picked = picked + bias[experts.long()]
+    out = (picked * scales.unsqueeze(-1)).sum(1)
+    for s in (skip1, skip2):
+        if s is not None:
+            out = out + s
+    return out
+
+
 def _counted(name, fn):
     def run(*args, **kwargs):
         CALLS[name] += 1
@@ -194,7 +262,10 @@ def _counted(name, fn):
 
 IMPLS = {"npu_rms_norm": _rms_norm, "npu_swiglu": _swiglu, "npu_rotary_mul": _rotary_mul,
          "npu_fusion_attention": _fusion_attention, "npu_all_gather_base_mm": _all_gather_base_mm,
-         "npu_mm_reduce_scatter_base": _mm_reduce_scatter_base}
+         "npu_mm_reduce_scatter_base": _mm_reduce_scatter_base,
+         "npu_moe_init_routing": _moe_init_routing, "npu_moe_compute_expert_tokens": _moe_compute_expert_tokens,
+         "npu_grouped_matmul": _grouped_matmul, "npu_moe_finalize_routing": _moe_finalize_routing}
+SCHEMAS.update(MOE_SCHEMAS)
 
 
 def install():

@@ -143,7 +143,7 @@ def test_available_table_matches_dispatch():
             fused = ops.implementation(op, x, k) is not ops.implementation(op, x, k.replace(**{field: False}))
             assert fused == (field in AVAILABLE[b]), (b, field)
         assert ("mc2" in AVAILABLE[b]) == (b == "npu")
-    assert set(FUSED_FIELDS) == set(FIELD_OPS) | {"mc2"}
+    assert set(FUSED_FIELDS) == set(FIELD_OPS) | {"mc2", "fused_moe"}  # fused_moe: tests/test_moe_ops.py
 
 
 def test_unfused_attention_matches_sdpa_with_masks_bias_and_bf16():
@@ -169,7 +169,7 @@ def test_kernels_for_defaults_and_refusals():
         backend="npu", mc2=True, fused_rotary=False)
     cpu = ops.kernels_for(backend="cpu")
     assert cpu == ops.Kernels(backend="reference", fused_norm=False, fused_swiglu=False, fused_rotary=False,
-                              fused_attention=True)
+                              fused_attention=True, fused_moe=False)
     assert ops.kernels_for(backend="cpu", flash_attn=False).fused_attention is False
     cuda = ops.kernels_for(backend="cuda", flash_attn=True, fused_rmsnorm=True)
     assert cuda.fused_norm and cuda.fused_attention and not cuda.fused_swiglu and not cuda.fused_rotary

@@ -49,7 +49,7 @@ from .. import tree
 from .state import (LATEST, CheckpointError, _fsync_path, _write_safetensors, capture_rng, config_diff, latest,
                     restore_rng)
 
-__all__ = ["FORMAT", "LeafSpec", "save", "load", "latest", "CheckpointError", "FullCheckpoint", "read_full",
+__all__ = ["FORMAT", "LeafSpec", "Writer", "save", "load", "latest", "CheckpointError", "FullCheckpoint", "read_full",
            "write_full"]
 
 FORMAT = "pmodel-sharded-checkpoint"
@@ -68,6 +68,26 @@ class LeafSpec(tuple):
     def __new__(cls, name: str, global_shape, slices, primary: bool = True):
         return super().__new__(cls, (str(name), tuple(int(s) for s in global_shape),
                                      tuple((int(a), int(b)) for a, b in slices), bool(primary)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Writer:
+    """Who writes what in a save that does not run over the whole process group (a failure
+    checkpoint written by the surviving ranks, :mod:`pmodel.resilience`).
+
+    Attributes:
+      barrier: synchronises the writing ranks (e.g. over a key-value store; the process group may
+        be broken).
+      lead: this rank creates the temp folder and commits (manifest, rename, ``latest``).
+      params: this rank writes its params and its non-sharded optimizer state (the role of dp
+        rank 0 in a regular save).
+      shards: this rank writes its distributed-optimizer shards (flat pieces).
+    """
+
+    barrier: Callable[[], None]
+    lead: bool
+    params: bool
+    shards: bool = True
 
 
 def full_specs(params) -> dict[str, LeafSpec]:
@@ -105,7 +125,7 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
          piece_of: Callable[[str, torch.Tensor], tuple | None] | None = None, rank: int = 0, world: int = 1,
          mesh_sizes: dict | None = None, dp_rank: int = 0, config: dict | None = None, data: dict | None = None,
          extra: dict | None = None, keep_last: int | None = None,
-         on_file_written: Callable[[Path], None] | None = None) -> Path:
+         on_file_written: Callable[[Path], None] | None = None, writer: Writer | None = None) -> Path:
     """Write this rank's pieces of a checkpoint (collective when ``world > 1``).
 
     Args:
@@ -122,21 +142,26 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
       keep_last: keep only this many ``iter_*`` checkpoints (None keeps all).
       on_file_written: called with each file's path once it is written and fsynced (progress
         reporting; tests use it to interrupt a save halfway).
+      writer: a :class:`Writer` for a save among a subset of the ranks (default: every rank of
+        ``world``, synchronised by the process group; rank 0 commits, dp rank 0 writes params).
 
     Returns:
       the final checkpoint folder.
     """
     specs = specs if specs is not None else full_specs(params)
     piece_of = piece_of or (lambda p, t: None)
+    if writer is None:
+        writer = Writer(barrier=lambda: _barrier(world), lead=rank == 0, params=dp_rank == 0)
+    lead = writer.lead
     root = Path(root)
     folder = f"iter_{int(step):07d}"
     tmp = root / f".tmp-{folder}"
-    if rank == 0:
+    if lead:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier(world)
+    writer.barrier()
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict] = []
     scalars: dict[str, Any] = {}
@@ -144,7 +169,7 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
     leaves = dict(tree.paths(params))
     for p in paths:
         name, shape, box, primary = specs[p]
-        if not (primary and dp_rank == 0):
+        if not (primary and writer.params):
             continue
         tensors[f"params/{p}"] = leaves[p].detach()
         index.append({"name": f"params/{p}", "kind": "params", "param": name, "shape": list(shape),
@@ -152,18 +177,18 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
     if opt_state is not None:
         for q, p, key, leaf in _state_entries(opt_state, paths):
             if not isinstance(leaf, torch.Tensor):
-                if rank == 0:
+                if lead:
                     if not isinstance(leaf, (bool, int, float, str)):
                         raise TypeError(f"checkpoint: optimizer-state leaf {q!r} is a {type(leaf).__name__}")
                     scalars[q] = leaf
                 continue
             if p is None:  # a global leaf: identical on every rank
-                if rank == 0:
+                if lead:
                     tensors[f"state/{q}"] = leaf.detach()
                     index.append({"name": f"state/{q}", "kind": "global", "key": q})
                 continue
             (name, shape, box, primary), flat = specs[p], piece_of(p, leaf)
-            if not primary or (flat is None and dp_rank != 0):
+            if not primary or (flat is None and not writer.params) or (flat is not None and not writer.shards):
                 continue  # another rank writes the same piece
             tensors[f"state/{q}"] = leaf.detach()
             index.append({"name": f"state/{q}", "kind": "state", "key": key, "param": name, "shape": list(shape),
@@ -180,13 +205,13 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
     _fsync_path(stem.with_suffix(".json"))
     if on_file_written is not None:
         on_file_written(stem.with_suffix(".json"))
-    _barrier(world)
+    writer.barrier()
     final = root / folder
-    if rank == 0:
+    if lead:
         _commit(root, tmp, folder, {"step": int(step), "world_size": int(world), "mesh": mesh_sizes or {},
                                     "config": config, "data": data or {}, "scalars": scalars, "extra": extra or {},
                                     "ranks": world}, keep_last)
-    _barrier(world)
+    writer.barrier()
     return final
 
 

@@ -26,7 +26,7 @@ __all__ = ["Family", "Map", "TensorLayout", "preset", "preset_config", "presets"
            "for_hf_type", "names", "FAMILY_MODULES"]
 
 # The registry is data: every module listed here exports ``FAMILIES`` (a tuple of Family).
-FAMILY_MODULES = ("llama", "qwen2", "gpt2", "bloom", "gemma", "internlm", "baichuan", "qwen", "chatglm")
+FAMILY_MODULES = ("llama", "qwen2", "gpt2", "bloom", "gemma", "internlm", "baichuan", "qwen", "chatglm", "mixtral")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

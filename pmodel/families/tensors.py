@@ -14,7 +14,10 @@ module), in the spirit of torchtitan's state-dict adapters:
 * ``groups="heads"`` (or ``"kv_heads"``, or an int): the output rows interleaved per group:
   for group ``g`` the ``g``-th slice of every part, in order (Bloom's ``query_key_value`` holds
   ``[q_h, k_h, v_h]`` per head);
-* ``transpose=True``: the checkpoint stores the weight ``[in, out]`` (GPT-2's ``Conv1D``).
+* ``transpose=True``: the checkpoint stores the weight ``[in, out]`` (GPT-2's ``Conv1D``);
+* ``experts=True``: the pmodel leaf stacks experts on dim 0 (``(E, out, in)``) and the checkpoint
+  stores one tensor per expert, ``{j}`` in the checkpoint template being the expert index
+  (Mixtral's ``block_sparse_moe.experts.{j}.w1``).
 
 Every conversion acts on the **output rows** of a module, so one rule covers its weight, its
 bias and a LoRA ``B`` factor (``[out, r]``) alike; a PEFT adapter on a fused module has one
@@ -44,12 +47,14 @@ class Map:
         from the config) or an int: rows interleaved per group, every part split in that many
         equal slices.
       transpose: the checkpoint stores the 2-D weight transposed (``[in, out]``).
+      experts: one checkpoint tensor per expert (``{j}`` in ``hf``) for a leaf stacked on dim 0.
     """
 
     ours: tuple[str, ...] | str
     hf: str
     groups: str | int | None = None
     transpose: bool = False
+    experts: bool = False
 
     def __post_init__(self):
         if isinstance(self.ours, str):
@@ -59,6 +64,9 @@ class Map:
         if self.groups is not None and not isinstance(self.groups, int) and self.groups not in ("heads", "kv_heads"):
             raise ValueError(f"Map for {self.hf!r}: groups must be None, 'heads', 'kv_heads' or an int, "
                              f"got {self.groups!r}")
+        if self.experts and (len(self.ours) > 1 or self.groups is not None or "{j}" not in self.hf):
+            raise ValueError(f"Map for {self.hf!r}: experts=True needs one pmodel module, no groups and '{{j}}' "
+                             "(the expert index) in the checkpoint template")
 
     @property
     def fused(self) -> bool:
@@ -90,6 +98,12 @@ def split_rows(t: torch.Tensor, sizes: list[int], groups: int | None = None) -> 
     return [x.reshape(s, *rest).contiguous() for x, s in zip(g.split([s // groups for s in sizes], dim=1), sizes)]
 
 
+def _fmt(template: str, i, j=None) -> str:
+    """Fill ``{i}`` (layer) and, when given, ``{j}`` (expert) in a module template."""
+    out = template.replace("{i}", str(i)) if i is not None else template
+    return out.replace("{j}", str(j)) if j is not None else out
+
+
 def _template(path: str) -> tuple[str, str | None]:
     """``layers.3.attn.q_proj.weight`` -> (``layers.{i}.attn.q_proj.weight``, ``"3"``)."""
     parts = path.split(".")
@@ -106,6 +120,7 @@ class _Leaf:
     map: Map
     paths: tuple[str, ...]
     suffix: str  # ".weight", ".bias", ...
+    expert: int | None = None  # experts=True: the expert this tensor holds (dim 0 of the leaf)
 
 
 class TensorLayout:
@@ -141,20 +156,29 @@ class TensorLayout:
     def hf_module(self, path: str) -> str:
         """The checkpoint module holding the pmodel module or leaf ``path`` (fused: the fused one)."""
         m, _, idx, suffix = self.locate(path)
-        return m.hf.format(i=idx) + suffix
+        return _fmt(m.hf, idx) + suffix
 
     def leaves(self, paths: Iterable[str]) -> dict[str, _Leaf]:
         """Checkpoint key -> the pmodel leaves it holds, for every leaf in ``paths``.
 
         Raises when a fused module's parts are not all among ``paths`` (a checkpoint tensor
-        cannot be written from half its rows).
+        cannot be written from half its rows). ``paths`` must map path -> tensor or declaration
+        (anything with ``.shape``) when a per-expert module is among them (its expert count).
         """
+        shaped = paths if isinstance(paths, Mapping) else None
         paths = list(paths)
         have = set(paths)
         out: dict[str, _Leaf] = {}
         for p in paths:
             m, _, idx, suffix = self.locate(p)
-            key = m.hf.format(i=idx) + suffix
+            if m.experts:
+                if shaped is None:
+                    raise TypeError(f"family {self.family!r}: {p} is stored per expert; pass path -> tensor/declaration")
+                for e in range(shaped[p].shape[0]):
+                    key = _fmt(m.hf, idx, e) + suffix
+                    out[key] = _Leaf(key=key, map=m, paths=(_fmt(m.ours[0], idx) + suffix,), suffix=suffix, expert=e)
+                continue
+            key = _fmt(m.hf, idx) + suffix
             if key in out:
                 continue
             parts = tuple(o.format(i=idx) + suffix for o in m.ours)
@@ -175,6 +199,9 @@ class TensorLayout:
 
     def hf_shape(self, cfg, leaf: _Leaf, decls: Mapping) -> tuple[int, ...]:
         shapes = [tuple(decls[p].shape) for p in leaf.paths]
+        if leaf.expert is not None:
+            shape = shapes[0][1:]
+            return tuple(reversed(shape)) if leaf.map.transpose and len(shape) == 2 else shape
         rows = sum(s[0] for s in shapes)
         if len(leaf.paths) == 1:
             v = self._vocab_rows(cfg, decls[leaf.paths[0]])
@@ -187,7 +214,9 @@ class TensorLayout:
         out = {}
         for key, leaf in self.leaves(flat).items():
             ts = [flat[p] for p in leaf.paths]
-            if len(ts) == 1 and leaf.map.groups is None:
+            if leaf.expert is not None:
+                t = ts[0][leaf.expert]
+            elif len(ts) == 1 and leaf.map.groups is None:
                 t = ts[0]
                 v = self._vocab_rows(cfg, decls.get(leaf.paths[0]))
                 if v is not None:
@@ -207,6 +236,7 @@ class TensorLayout:
         found and the one expected.
         """
         out = {}
+        experts: dict[str, list] = {}
         for key, leaf in self.leaves(decls).items():
             t = read(key)
             want = self.hf_shape(cfg, leaf, decls)
@@ -215,6 +245,9 @@ class TensorLayout:
                                  f"{', '.join(leaf.paths)}")
             if leaf.map.transpose and t.dim() == 2:
                 t = t.t()
+            if leaf.expert is not None:
+                experts.setdefault(leaf.paths[0], []).append((leaf.expert, t))
+                continue
             if len(leaf.paths) == 1 and leaf.map.groups is None:
                 d = decls[leaf.paths[0]]
                 if self._vocab_rows(cfg, d) is not None:
@@ -224,6 +257,8 @@ class TensorLayout:
             sizes = [decls[p].shape[0] for p in leaf.paths]
             for p, x in zip(leaf.paths, split_rows(t, sizes, leaf.map.num_groups(cfg))):
                 out[p] = x
+        for p, parts in experts.items():  # per-expert tensors stacked on dim 0
+            out[p] = torch.stack([t for _, t in sorted(parts, key=lambda et: et[0])]).contiguous()
         return out
 
     # ------------------------------------------------------------------ adapters (output rows only)
@@ -247,7 +282,7 @@ class TensorLayout:
             m, _, idx, suffix = self.locate(p)
             if suffix:
                 raise KeyError(f"family {self.family!r}: {p!r} is a leaf, not a module")
-            out[m.hf.format(i=idx)] = tuple(o.format(i=idx) for o in m.ours)
+            out[_fmt(m.hf, idx)] = tuple(o.format(i=idx) for o in m.ours)
         return out
 
     def _module_map(self, module_key: str) -> Map:

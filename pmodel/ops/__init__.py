@@ -18,10 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import functools
+
+from . import moe as _moe
 from . import reference
 from .fused_ce import linear_cross_entropy as _chunked_linear_ce
 from .kernels import DEFAULT, KernelUnavailable, Kernels, backend_for_device, kernels_for
 from .mc2 import all_gather_linear, linear_reduce_scatter
+from .moe import Routed, moe_capacity, moe_capacity_keep, moe_route, router_stats
 from .reference import IGNORE_INDEX, alibi_bias, alibi_slopes, attention_mask, rope_cos_sin, rope_inv_freq
 from .weights import Weight, WeightWrapper, is_wrapper
 
@@ -31,6 +35,8 @@ __all__ = [
     "linear_cross_entropy", "rope_inv_freq", "rope_cos_sin", "alibi_slopes", "alibi_bias",
     "backend_name", "Weight", "WeightWrapper", "is_wrapper",
     "implementation", "kernels_for", "KernelUnavailable", "all_gather_linear", "linear_reduce_scatter",
+    "moe_route", "moe_capacity", "moe_capacity_keep", "moe_dispatch", "grouped_linear", "grouped_mlp",
+    "moe_combine", "router_stats", "Routed",
 ]
 
 
@@ -48,6 +54,9 @@ _POLICY = {
     "swiglu": ("fused_swiglu", reference.swiglu),
     "rotary": ("fused_rotary", reference.rotary),
     "attention": ("fused_attention", reference.attention_math),
+    "moe_dispatch": ("fused_moe", _moe.moe_dispatch),
+    "grouped_linear": ("fused_moe", _moe.grouped_linear),
+    "moe_combine": ("fused_moe", _moe.moe_combine),
 }
 
 
@@ -159,3 +168,41 @@ def gelu(x, *, approximate: str = "tanh", kernels: Kernels | None = None):
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, *, kernels: Kernels | None = None):
     return reference.cross_entropy(logits, labels, ignore_index)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+def moe_dispatch(x, experts, num_experts: int, keep=None, *, kernels: Kernels | None = None):
+    """Token rows sorted by expert: ``(xs (M, D), routed)`` (see :mod:`pmodel.ops.moe`);
+    ``npu_moe_init_routing`` on NPU with ``Kernels.fused_moe``."""
+    return _impl("moe_dispatch", x, kernels)(x, experts, num_experts, keep)
+
+
+def moe_combine(ys, weights, routed: Routed, *, kernels: Kernels | None = None):
+    """Weighted sum of each token's expert rows back in token order ``(N, D)``. Follows the
+    lowering that dispatched (an NPU-routed record is finalised by ``npu_moe_finalize_routing``)."""
+    if routed.src_to_dst is not None:
+        from . import npu
+        return npu.moe_combine(ys, weights, routed)
+    return _moe.moe_combine(ys, weights, routed)
+
+
+def grouped_linear(xs, w, counts, *, kernels: Kernels | None = None):
+    """Per-expert ``xs_e @ w[e].T`` over rows grouped by expert; ``w`` ``(E, out, in)``.
+    ``torch._grouped_mm`` on CUDA / ``npu_grouped_matmul`` on NPU with ``Kernels.fused_moe``."""
+    return _impl("grouped_linear", xs, kernels)(xs, w, counts)
+
+
+def grouped_mlp(xs, counts, gate, up, down, *, kernels: Kernels | None = None):
+    """The experts' SwiGLU MLPs over rows grouped by expert (``counts[e]`` rows each).
+
+    ``gate`` may be a wrapper weight implementing ``grouped_mlp(xs, counts, up, down, *,
+    kernels)`` (expert parallel: it exchanges the rows with the ranks holding the experts);
+    plain ``(E, F, D)`` / ``(E, F, D)`` / ``(E, D, F)`` tensors run locally.
+    """
+    if not isinstance(gate, torch.Tensor):
+        if not hasattr(gate, "grouped_mlp"):
+            raise TypeError(f"ops.grouped_mlp: the weight wrapper {type(gate).__name__} does not implement grouped_mlp")
+        return gate.grouped_mlp(xs, counts, up, down, kernels=kernels)
+    return _moe.grouped_swiglu_mlp(xs, counts, gate, up, down,
+                                   linear=functools.partial(grouped_linear, kernels=kernels),
+                                   swiglu=functools.partial(swiglu, kernels=kernels))

@@ -9,25 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 BACKENDS = ("reference", "cuda", "npu")
 
 # Which Kernels fields select a fused implementation on which backend. This is a fact about the
 # lowering modules (ops/reference.py, ops/cuda.py, ops/npu.py, ops/mc2.py); a test checks that
 # pmodel.ops.implementation agrees with it. fused_cross_entropy is backend-independent pure torch.
-FUSED_FIELDS = ("fused_norm", "fused_swiglu", "fused_rotary", "fused_attention", "mc2")
+FUSED_FIELDS = ("fused_norm", "fused_swiglu", "fused_rotary", "fused_attention", "mc2", "fused_moe")
+# torch._grouped_mm (one grouped GEMM for all experts) exists from torch 2.8 on; a build without
+# it has no fused MoE matmul on CUDA (a fact about the installed torch, fixed at import).
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 AVAILABLE: dict[str, frozenset[str]] = {
     # SDPA is torch's fused attention (flash kernel on CPU where it applies); nothing else fuses.
     "reference": frozenset({"fused_attention"}),
     # F.rms_norm (one fused kernel) and SDPA (flash / memory-efficient / cuDNN).
-    "cuda": frozenset({"fused_norm", "fused_attention"}),
+    # torch._grouped_mm for the experts' matmuls (when the build has it).
+    "cuda": frozenset({"fused_norm", "fused_attention"} | ({"fused_moe"} if HAS_GROUPED_MM else set())),
     # torch_npu: npu_rms_norm, npu_swiglu, npu_rotary_mul, npu_fusion_attention,
-    # npu_all_gather_base_mm / npu_mm_reduce_scatter_base (MC2).
-    "npu": frozenset({"fused_norm", "fused_swiglu", "fused_rotary", "fused_attention", "mc2"}),
+    # npu_all_gather_base_mm / npu_mm_reduce_scatter_base (MC2), npu_moe_init_routing /
+    # npu_grouped_matmul / npu_moe_finalize_routing (MoE).
+    "npu": frozenset({"fused_norm", "fused_swiglu", "fused_rotary", "fused_attention", "mc2", "fused_moe"}),
 }
 
 _WHAT = {"fused_norm": "fused RMSNorm kernel", "fused_swiglu": "fused SwiGLU kernel",
          "fused_rotary": "fused rotary-embedding kernel", "fused_attention": "fused (flash) attention kernel",
-         "mc2": "MC2 kernels (fused all-gather+matmul / matmul+reduce-scatter; torch_npu only)"}
+         "mc2": "MC2 kernels (fused all-gather+matmul / matmul+reduce-scatter; torch_npu only)",
+         "fused_moe": "grouped-GEMM MoE kernels (torch._grouped_mm on CUDA, npu_grouped_matmul and the MoE routing ops "
+                      "on NPU)"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +63,11 @@ class Kernels:
       mc2: ``all_gather_linear`` / ``linear_reduce_scatter`` (sequence-parallel TP linears) ->
         ``npu_all_gather_base_mm`` / ``npu_mm_reduce_scatter_base`` (NPU); False: the collective
         and the matmul as two steps. Off by default (ModelLink's ``--use-mc2`` is opt-in).
+      fused_moe: MoE layers' ``moe_dispatch`` / ``grouped_linear`` / ``moe_combine`` ->
+        ``torch._grouped_mm`` for the expert matmuls (CUDA, when the build has it and the widths
+        are 16-byte aligned) / ``npu_moe_init_routing`` + ``npu_moe_compute_expert_tokens``,
+        ``npu_grouped_matmul``, ``npu_moe_finalize_routing`` (NPU); False: the reference sort,
+        per-expert matmuls and scatter (Megatron's ``--moe-grouped-gemm`` off).
     """
 
     backend: str | None = None
@@ -63,6 +77,7 @@ class Kernels:
     fused_rotary: bool = True
     fused_attention: bool = True
     mc2: bool = False
+    fused_moe: bool = True
 
     def __post_init__(self):
         if self.backend not in (None, *BACKENDS):
@@ -99,12 +114,12 @@ def backend_for_device(device) -> str:
 # kernels_for argument -> Kernels field. The argument names follow ModelLink's flags:
 # --use-flash-attn, --use-fused-rmsnorm, --use-fused-swiglu, --use-fused-rotary-pos-emb, --use-mc2.
 ARG_FIELDS = {"flash_attn": "fused_attention", "fused_rmsnorm": "fused_norm", "fused_swiglu": "fused_swiglu",
-              "fused_rotary": "fused_rotary", "mc2": "mc2"}
+              "fused_rotary": "fused_rotary", "mc2": "mc2", "grouped_gemm": "fused_moe"}
 
 
 def kernels_for(*, backend: str, flash_attn: bool | None = None, fused_rmsnorm: bool | None = None,
                 fused_swiglu: bool | None = None, fused_rotary: bool | None = None, mc2: bool | None = None,
-                fused_cross_entropy: bool = True) -> Kernels:
+                fused_cross_entropy: bool = True, grouped_gemm: bool | None = None) -> Kernels:
     """The policy for a run on ``backend``, refusing fusions the backend does not have.
 
     Args:
@@ -115,6 +130,8 @@ def kernels_for(*, backend: str, flash_attn: bool | None = None, fused_rmsnorm: 
         unfused implementation; None = the default: on where the backend has the kernel, except
         ``mc2``, which is off unless asked for.
       fused_cross_entropy: the chunked linear + cross-entropy (available everywhere).
+      grouped_gemm: the MoE kernels (``Kernels.fused_moe``; ModelLink's ``--moe-grouped-gemm``),
+        as the fused flags above.
 
     Returns:
       ``Kernels(backend=<resolved backend>, ...)`` whose fused fields are True exactly where the
@@ -126,7 +143,7 @@ def kernels_for(*, backend: str, flash_attn: bool | None = None, fused_rmsnorm: 
     """
     b = backend if backend in BACKENDS else backend_for_device(backend)
     asked = {"flash_attn": flash_attn, "fused_rmsnorm": fused_rmsnorm, "fused_swiglu": fused_swiglu,
-             "fused_rotary": fused_rotary, "mc2": mc2}
+             "fused_rotary": fused_rotary, "mc2": mc2, "grouped_gemm": grouped_gemm}
     fields, problems = {}, []
     for arg, want in asked.items():
         field = ARG_FIELDS[arg]

@@ -123,3 +123,108 @@ def gather_mm(g: torch.Tensor, w: torch.Tensor, group, world_size: int):
     out, gathered = _npu().npu_all_gather_base_mm(g, w, hccl_comm_name(group, g.device), world_size,
                                                   gather_index=0, gather_output=True, comm_turn=0)
     return out, gathered
+
+
+# ----------------------------------------------------------------------------- MoE (Kernels.fused_moe)
+# torch_npu's MoE routing ops (torch_npu 2.1+ documentation):
+#   npu_moe_init_routing(x (N, H), row_idx (N, k) int32, expert_idx (N, k) int32, active_num)
+#     -> (expanded_x (N*k, H), expanded_row_idx (N*k,) int32, expanded_expert_idx (N*k,) int32):
+#     the pairs sorted by expert (ties by row_idx); expanded_x[d] = x[src % N] for the pair whose
+#     row_idx value is src, and expanded_row_idx[src] = d (source -> destination row).
+#     pmodel passes row_idx[t, j] = j * N + t, the layout the finalize op indexes with.
+#   npu_moe_compute_expert_tokens(sorted_expert_idx, num_expert) -> (E,) int32 cumulative counts.
+#   npu_grouped_matmul(x: list, weight: list, *, ..., group_list, split_item, group_type,
+#     group_list_type) -> list: with split_item=3, group_type=0, group_list_type=0 (cumulative):
+#     y[rows of group e] = x[rows of group e] @ weight[0][e], weight (E, in, out).
+#   npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
+#     expanded_src_to_dst_row, export_for_source_row) -> (N, H):
+#     out[t] = skip1[t] (+ skip2[t]) + sum_j scales[t, j] * (rows[src_to_dst[j * N + t]] + bias[experts[t, j]]).
+# None of these has a backward in every torch_npu version, so each forward kernel sits in an
+# autograd Function whose backward is the transposed permutation / grouped matmul.
+# Capacity mode: the routing kernel has no per-expert capacity, so dropped pairs are still sent
+# through their expert and combined with scale 0 (the same values and gradients as dropping them;
+# no compute saved). ``Routed.counts`` then counts every pair.
+
+class _InitRouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, experts):
+        N, k = experts.shape
+        row_idx = torch.arange(N * k, dtype=torch.int32, device=x.device).view(k, N).t().contiguous()
+        xs, src_to_dst, sorted_e = _npu().npu_moe_init_routing(x, row_idx, experts.to(torch.int32), N)
+        src_to_dst = src_to_dst.long()
+        dst_to_src = torch.empty_like(src_to_dst)
+        dst_to_src[src_to_dst] = torch.arange(N * k, device=x.device)
+        ctx.save_for_backward(dst_to_src % N)
+        ctx.num_tokens = N
+        ctx.mark_non_differentiable(src_to_dst, sorted_e)
+        return xs, src_to_dst, sorted_e
+
+    @staticmethod
+    def backward(ctx, dxs, _a, _b):
+        (token,) = ctx.saved_tensors
+        return dxs.new_zeros(ctx.num_tokens, dxs.shape[-1]).index_add_(0, token, dxs), None
+
+
+class _FinalizeRouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys, scales, src_to_dst, experts):
+        N, k = scales.shape
+        skip1 = ys.new_zeros(N, ys.shape[-1])
+        bias = ys.new_zeros(int(experts.max()) + 1 if experts.numel() else 1, ys.shape[-1])
+        out = _npu().npu_moe_finalize_routing(ys, skip1, None, bias, scales.to(ys.dtype), src_to_dst.to(torch.int32),
+                                              experts.to(torch.int32))
+        ctx.save_for_backward(ys, scales, src_to_dst)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        ys, scales, src_to_dst = ctx.saved_tensors
+        N, k = scales.shape
+        dst = src_to_dst.view(k, N).t()                                  # (N, k) row of each pair
+        rows = ys[dst]                                                   # (N, k, H)
+        d_scales = (rows.float() * g.unsqueeze(1).float()).sum(-1)      # (N, k)
+        d_ys = ys.new_zeros(ys.shape)
+        d_ys[dst.reshape(-1)] = (g.unsqueeze(1) * scales.unsqueeze(-1).to(g.dtype)).reshape(N * k, -1)
+        return d_ys, d_scales.to(scales.dtype), None, None
+
+
+def moe_dispatch(x: torch.Tensor, experts: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None):
+    """``npu_moe_init_routing`` + ``npu_moe_compute_expert_tokens`` (see the notes above)."""
+    from .moe import Routed
+    xs, src_to_dst, sorted_e = _InitRouting.apply(x, experts)
+    ends = _npu().npu_moe_compute_expert_tokens(sorted_e, num_experts).long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    N, k = experts.shape
+    dropped = (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=x.device)
+    return xs, Routed(order=torch.empty(0, dtype=torch.long, device=x.device), counts=counts, num_tokens=N,
+                      top_k=k, dropped=dropped, keep=keep, src_to_dst=src_to_dst, experts=experts)
+
+
+def moe_combine(ys: torch.Tensor, weights: torch.Tensor, routed) -> torch.Tensor:
+    """``npu_moe_finalize_routing`` with the router weights (zero for dropped pairs) as scales."""
+    scales = weights if routed.keep is None else weights * routed.keep.to(weights.dtype)
+    return _FinalizeRouting.apply(ys, scales, routed.src_to_dst, routed.experts)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, w, group_list):
+        ctx.save_for_backward(xs, w, group_list)
+        return _npu().npu_grouped_matmul([xs], [w.transpose(1, 2)], group_list=group_list, split_item=3,
+                                         group_type=0, group_list_type=0)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w, group_list = ctx.saved_tensors
+        dx = _npu().npu_grouped_matmul([dy.contiguous()], [w], group_list=group_list, split_item=3,
+                                       group_type=0, group_list_type=0)[0]
+        # dw[e] = dy_e^T x_e, one small matmul per expert (the K-grouped kernel variant is not in
+        # every torch_npu version)
+        sizes = torch.diff(group_list, prepend=group_list.new_zeros(1)).tolist()
+        dw = torch.stack([a.t() @ b for a, b in zip(dy.split(sizes), xs.split(sizes))]).to(w.dtype)
+        return dx, dw, None
+
+
+def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``xs_e @ w[e].T`` as one ``npu_grouped_matmul`` (weights passed ``(E, in, out)``)."""
+    return _GroupedMatmul.apply(xs, w, torch.cumsum(counts, 0))

@@ -333,6 +333,11 @@ class Layout:
         if not todo:
             return
         flat = dict(tree.paths(params))
+        # a declared leaf held in a one-tensor wrapper (ColumnParallel, ExpertParallel) by its declared path
+        for p, node in tree.paths(params, is_leaf=ops.is_wrapper):
+            kids = tree.leaves(node) if ops.is_wrapper(node) else ()
+            if p not in flat and len(kids) == 1:
+                flat[p] = kids[0]
         for dim, paths in todo.items():
             missing = [p for p in paths if p not in flat]
             if missing:

@@ -41,7 +41,7 @@ def default_backend(device_type: str) -> str:
 
 
 def init_distributed(*, rank: int, world_size: int, backend: str | None = None, device_type: str = "cpu",
-                     init_method: str = "env://", timeout_s: float = 600.0) -> None:
+                     init_method: str = "env://", timeout_s: float = 600.0, store: Any = None) -> None:
     """Initialise the default process group from explicit arguments.
 
     Args:
@@ -51,13 +51,16 @@ def init_distributed(*, rank: int, world_size: int, backend: str | None = None, 
       init_method: e.g. ``"tcp://host:port"``; ``"env://"`` lets torch read MASTER_ADDR/PORT, which
         only a script should rely on.
       timeout_s: collective timeout.
+      store: a ``torch.distributed.Store`` to rendezvous over instead of ``init_method`` (e.g. a
+        launcher's store under a prefix unique to the launch attempt).
     """
     if dist.is_initialized():
         raise RuntimeError("init_distributed: the default process group is already initialised")
     if not 0 <= rank < world_size:
         raise ValueError(f"init_distributed: rank {rank} outside world of size {world_size}")
-    dist.init_process_group(backend or default_backend(device_type), init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    how = {"store": store} if store is not None else {"init_method": init_method}
+    dist.init_process_group(backend or default_backend(device_type), rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **how)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -82,6 +85,7 @@ class Mesh:
     groups: dict
     group_ranks: dict
     backend: str
+    timeout_s: float | None = None
 
     def __post_init__(self):
         if set(self.sizes) != set(DIMS):
@@ -127,13 +131,16 @@ class Mesh:
 
     @classmethod
     def build(cls, *, tp: int = 1, pp: int = 1, dp: int | None = None, cp: int = 1, ep: int = 1,
-              group: Any = None) -> "Mesh":
+              group: Any = None, timeout_s: float | None = None) -> "Mesh":
         """Lay the initialised default process group out as a mesh (collective).
 
         Args:
           tp, pp, cp, ep: sizes of those dimensions.
           dp: data-parallel size; default ``world // (tp * cp * ep * pp)``.
           group: must be None (the default group); sub-meshes are not supported yet.
+          timeout_s: collective timeout of the mesh's groups (None: torch's default for new
+            groups, 30 minutes on gloo, *not* the default group's). A peer that stops answering
+            makes a collective fail after this long (how a high-availability run detects it).
 
         Returns:
           the :class:`Mesh`, holding one new process group per dimension of size > 1.
@@ -149,10 +156,10 @@ class Mesh:
         coords = cls.coords_of(sizes, rank)
         groups, group_ranks = {}, {}
         for d in DIMS:
-            mine, pg = _groups_along(sizes, [d], coords)
+            mine, pg = _groups_along(sizes, [d], coords, timeout_s)
             groups[d], group_ranks[d] = pg, mine
         return cls(sizes=sizes, global_rank=rank, world_size=world, coords=coords, groups=groups,
-                   group_ranks=group_ranks, backend=str(dist.get_backend()))
+                   group_ranks=group_ranks, backend=str(dist.get_backend()), timeout_s=timeout_s)
 
     @classmethod
     def single(cls) -> "Mesh":
@@ -189,7 +196,7 @@ class Mesh:
         """
         for d in dims:
             self._check(d)
-        return _groups_along(self.sizes, list(dims), self.coords)
+        return _groups_along(self.sizes, list(dims), self.coords, self.timeout_s)
 
     def split(self, dim: str, parts: int):
         """Split ``dim`` into ``parts`` contiguous blocks and make a group per block (collective).
@@ -211,7 +218,7 @@ class Mesh:
             base = dict(zip(others, combo))
             for b in range(parts):
                 ranks = tuple(self.rank_of(self.sizes, {**base, dim: b * per + i}) for i in range(per))
-                pg = dist.new_group(list(ranks)) if per > 1 else None
+                pg = dist.new_group(list(ranks), timeout=_td(self.timeout_s)) if per > 1 else None
                 if self.global_rank in ranks:
                     mine_ranks, mine_group = ranks, pg
         c = self.coords[dim]
@@ -226,7 +233,11 @@ class Mesh:
         return f"Mesh({s}; rank {self.global_rank}/{self.world_size} at {self.coords})"
 
 
-def _groups_along(sizes: dict, dims: list[str], coords: dict):
+def _td(timeout_s: float | None):
+    return None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
+
+def _groups_along(sizes: dict, dims: list[str], coords: dict, timeout_s: float | None = None):
     """Create (collectively) every group that varies ``dims`` with the other coordinates fixed;
     return this rank's ``(ranks, group)``."""
     others = [d for d in DIMS if d not in dims]
@@ -240,7 +251,7 @@ def _groups_along(sizes: dict, dims: list[str], coords: dict):
             c = dict(zip(reversed(dims), inner))
             ranks.append(Mesh.rank_of(sizes, {**base, **c}))
         ranks = tuple(ranks)
-        pg = dist.new_group(list(ranks)) if n > 1 else None
+        pg = dist.new_group(list(ranks), timeout=_td(timeout_s)) if n > 1 else None
         if all(base[d] == coords[d] for d in others):
             mine_ranks, mine_group = ranks, pg
     return mine_ranks, mine_group

@@ -138,6 +138,16 @@ class ParallelPlan:
     micro_batch_hook: Callable | None = None
     deterministic: bool = False
     _buckets: dict = dataclasses.field(default_factory=dict, repr=False)
+    _progress: dict = dataclasses.field(default_factory=lambda: {"phase": "idle"}, repr=False)
+
+    @property
+    def phase(self) -> str:
+        """Where the last :meth:`step` is or stopped: ``"compute"`` (forward / backward / gradient
+        reduction: params and optimizer state untouched), ``"update"`` (the optimizer is changing
+        its state and the params: an exception here leaves them partly updated) or ``"idle"``
+        (no step running; the last one completed). :mod:`pmodel.resilience` reads it to know
+        whether a failed step left this rank's state clean."""
+        return self._progress["phase"]
 
     # ------------------------------------------------------------------ params
     @property
@@ -191,10 +201,13 @@ class ParallelPlan:
         """
         mbs = _micro_batches(micro_batches)
         dev = _device_of(params)
+        self._progress["phase"] = "compute"
         dp = self.data_parallel(params)
         local = torch.tensor([sum(count_tokens(mb) for mb in mbs), sum(int(mb["tokens"].numel()) for mb in mbs),
                               sum(int(mb["tokens"].shape[0]) for mb in mbs)], dtype=torch.int64, device=dev)
         counts = comm.all_reduce(local, self.mesh.group("dp"))  # counted tokens, tokens, samples
+        if self.mesh.size("ep") > 1:  # expert-parallel ranks see different tokens too
+            counts = comm.all_reduce(counts, self.mesh.group("ep"))
         denom = counts[0].clamp(min=1)
         scale = float(opt_state.loss_scale.scale) if isinstance(opt_state.loss_scale, LossScaleState) else 1.0
         bind = self._binder(params, int(opt_state.count), len(mbs))
@@ -212,11 +225,14 @@ class ParallelPlan:
         # parallel norms and row biases, LoRA's replicated factors) are summed over TP.
         sync_replicated_grads(self.stage_model, params)
         loss_sum = self._sum(loss_sum.double().reshape(()).to(dev), self.mesh.group("dp"))
+        if self.mesh.size("ep") > 1:
+            loss_sum = self._sum(loss_sum, self.mesh.group("ep"))
         opt_state, norm, skipped = self._update(params, opt_state, dp, scale)
         n = int(counts[0])
         metrics = {"loss": float(loss_sum) / max(n, 1), "num_tokens": n, "tokens": int(counts[1]),
                    "samples": int(counts[2]), "grad_norm": norm, "lr": optim.current_lr(opt_state),
                    "loss_scale": scale, "skipped": skipped}
+        self._progress["phase"] = "idle"
         return params, opt_state, metrics
 
     def _sum(self, x: torch.Tensor, group) -> torch.Tensor:
@@ -286,6 +302,7 @@ class ParallelPlan:
         if coef is not None:
             # fp32: a mixed-precision optimizer then sees the unrounded clipped gradient.
             owned = tree.map(lambda g: None if g is None else g.float() * coef, owned, is_leaf=lambda x: x is None)
+        self._progress["phase"] = "update"
         updates, inner = self.inner_tx.update(owned, state.inner, params)
         apply_updates(params, updates)
         dp.zero_grad()
@@ -339,13 +356,15 @@ class ParallelPlan:
         return _leaf_specs(self.stage_model, params, self._tied_copy_path())
 
     def save_checkpoint(self, root, step: int, params, opt_state, *, config: dict | None = None,
-                        data: dict | None = None, extra: dict | None = None, keep_last: int | None = None):
-        """Write a reshardable checkpoint of this rank's params and optimizer state (collective)."""
+                        data: dict | None = None, extra: dict | None = None, keep_last: int | None = None,
+                        writer=None):
+        """Write a reshardable checkpoint of this rank's params and optimizer state (collective;
+        with a :class:`~pmodel.checkpoint.sharded.Writer`, over the ranks it synchronises)."""
         from ..checkpoint import sharded
         return sharded.save(root, step, params=params, opt_state=opt_state, specs=self.leaf_specs(params),
                             piece_of=self.state_pieces(params), rank=self.mesh.global_rank,
                             world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), dp_rank=self.mesh.rank("dp"),
-                            config=config, data=data, extra=extra, keep_last=keep_last)
+                            config=config, data=data, extra=extra, keep_last=keep_last, writer=writer)
 
     def load_checkpoint(self, root, params, opt_state, *, config: dict | None = None, path=None,
                         restore_rng_state: bool = True, cast_dtype: bool = False):
@@ -471,6 +490,14 @@ def layout_problems(cfg, sizes: dict, *, pipeline: PipelineSpec | None = None, s
     from .tensor import tp_size_problems
     tp, pp, dp = (int(sizes.get(d, 1)) for d in ("tp", "pp", "dp"))
     out = []
+    from .expert import ep_size_problems
+    out += ep_size_problems(cfg, int(sizes.get("ep", 1)))
+    if cfg.num_experts and pp > 1:
+        out.append("a mixture-of-experts model with pipeline size > 1: the router statistics (auxiliary losses) "
+                   "are not passed between stages yet")
+    if cfg.num_experts and sequence_parallel:
+        out.append("a mixture-of-experts model with sequence_parallel: the router statistics would be per sequence "
+                   "shard (they are not all-reduced over tp yet)")
     if policy is not None and policy.param_dtype != cfg.dtype:
         out.append(f"the model computes in {cfg.dtype} but policy.param_dtype is {policy.param_dtype}; build the "
                    f"model with dtype={policy.param_dtype}")
@@ -552,6 +579,9 @@ def parallelize(model, tx: GradientTransformation, mesh: Mesh, *, pipeline: Pipe
         warnings.warn("distributed_optimizer with data-parallel size 1: there is nothing to shard the optimizer "
                       "state over, so it saves no memory (it keeps an fp32 main copy of the params and applies "
                       "the same update as the plain optimizer)", UserWarning, stacklevel=2)
+    if mesh.size("ep") > 1 and "expert_parallel" not in model.transforms:
+        from .expert import expert_parallel
+        model = expert_parallel(model, mesh)
     tp_model = tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
     pipe, stage_model = None, tp_model
     if pp > 1:

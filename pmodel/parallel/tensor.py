@@ -381,6 +381,10 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
         raise ValueError(f"tensor_parallel is already applied (transforms {model.transforms})")
     if tp == 1:
         return model.replace(transforms=model.transforms + ("tensor_parallel",))
+    if sequence_parallel and cfg.num_experts:
+        raise NotImplementedError("tensor_parallel: sequence parallel with a mixture-of-experts model: the router "
+                                  "statistics (auxiliary losses) would be per sequence shard; use "
+                                  "sequence_parallel=False")
     problems = tp_size_problems(cfg, tp)
     if problems:
         raise ValueError("tensor_parallel: " + "; ".join(problems))
