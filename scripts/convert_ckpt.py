@@ -5,16 +5,20 @@ ModelLink's ``tools/checkpoint/convert_ckpt.py`` flag names. ``--loader`` / ``--
 formats:
 
 * ``megatron`` (also ``pmodel``, ``native``): pmodel's sharded, reshardable training checkpoint
-  (what ``pretrain.py --save`` writes and ``--load`` reads; ``docs/training.md``). ModelLink's
-  Megatron "legacy" checkpoints are *not* read or written: in ModelLink's scripts ``megatron``
-  names the training format, and here the training format is this one. ``--load-dir`` is a
+  (what ``pretrain.py --save`` writes and ``--load`` reads; ``docs/training.md``). Megatron's own
+  per-rank ("legacy") checkpoints are read by ``--loader mcore`` and not written: in ModelLink's
+  scripts ``megatron`` names the training format, and here the training format is this one. ``--load-dir`` is a
   checkpoint root (its ``latest``) or one ``iter_*`` folder; ``--save-dir`` a root.
 * ``hf``, ``huggingface`` or ``<model>_hf`` (ModelLink's ``llama2_hf``, ...): a Hugging Face
   folder (``config.json`` + safetensors) of any family pmodel supports; the family comes from
   its ``config.json`` (``model_type``).
 
-(Importing megatron-core ``GPTModel`` checkpoints, ``--loader mcore``, is not implemented yet and
-is refused.)
+* ``mcore`` (``--loader`` only): a megatron-core ``GPTModel`` checkpoint in Megatron's per-rank
+  format (``--ckpt-format torch``: ``[iter_*/]mp_rank_XX[_YYY]/model_optim_rng.pt``, any TP / PP,
+  the local layer spec; what ModelLink users bring), read with ``torch.load(weights_only=True)``
+  only; a file that needs anything else unpickled is refused, naming it and the globals
+  (``pmodel.checkpoint.mcore``). Parameters only; the config comes from the checkpoint's
+  ``args``; the family is ``--model-type-hf`` or the first of llama / gpt2 that expresses it.
 
 ``--save-model-type save_huggingface_<model>`` (or ``huggingface``) writes a Hugging Face
 folder whatever ``--saver`` says, as ModelLink's ``legacy2hf`` script does; when ``--save-dir``
@@ -85,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-type", required=True, help="GPT (decoder LLMs; BERT is not supported)")
     ap.add_argument("--loader", default="megatron",
                     help="source format: megatron (= pmodel's sharded training checkpoint, not Megatron's own "
-                         "format), hf / huggingface / <model>_hf (a Hugging Face folder)")
+                         "format), hf / huggingface / <model>_hf (a Hugging Face folder), mcore (a megatron-core "
+                         "GPTModel checkpoint in Megatron's per-rank mp_rank_XX/model_optim_rng.pt format; read "
+                         "with torch.load(weights_only=True) only)")
     ap.add_argument("--saver", default="megatron",
                     help="target format: megatron (= pmodel's sharded training checkpoint, not Megatron's own "
                          "format) or hf / huggingface")
@@ -117,9 +123,13 @@ def _kind(name: str, role: str) -> str:
         return "native"
     if n in HF or n.endswith("_hf"):
         return "hf"
-    if role == "loader" and n in ("mcore", "megatron_mcore", "mcore_gpt"):
-        refuse(f"--loader {name}: importing megatron-core GPTModel checkpoints is not implemented yet")
-    refuse(f"--{role} {name}: unknown format; use megatron (pmodel's sharded training checkpoint) or hf")
+    if n in ("mcore", "megatron_mcore", "mcore_gpt"):
+        if role == "loader":
+            return "mcore"
+        refuse(f"--saver {name}: megatron-core checkpoints are read (--loader mcore), not written; "
+               "use --saver megatron (pmodel's training format) or hf")
+    refuse(f"--{role} {name}: unknown format; use megatron (pmodel's sharded training checkpoint), hf, "
+           "or --loader mcore")
 
 
 def _family_alias(name: str, flag: str) -> str:
@@ -205,6 +215,8 @@ def load_source(args, plan: dict):
         if plan["family"] is not None and plan["family"] != model.family:
             refuse(f"--model-type-hf names family {plan['family']!r} but {src}/config.json is {model.family!r}")
         return model, params, None, {"step": 0, "data": {}, "tokenizer_dir": src}
+    if plan["src"] == "mcore":
+        return _load_mcore(args, plan, src)
     keep_state = plan["dst"] == "native" and args.lora_load is None
     try:
         ck = sharded.read_full(src, state=keep_state)
@@ -229,6 +241,36 @@ def load_source(args, plan: dict):
     params = _tree_of(model, ck.params, f"--load-dir {man['dir']}")
     return model, params, (ck if keep_state else None), {"step": int(man.get("step", 0)),
                                                           "data": man.get("data") or {}, "dir": man["dir"]}
+
+
+def _mcore_family(cfg, wanted):
+    """``wanted`` (--model-type-hf) if it can express ``cfg``, else the first of llama / gpt2 that
+    can (its HF export accepts the config), else None (a family-less model)."""
+    for fam in ([wanted] if wanted else ["llama", "gpt2"]):
+        try:
+            pmodel.families.get(fam).config_to_hf(cfg)
+            return fam
+        except (ValueError, KeyError):
+            if wanted:
+                refuse(f"--model-type-hf {wanted}: that family cannot express the megatron-core model's config")
+    return None
+
+
+def _load_mcore(args, plan, src: Path):
+    from pmodel.checkpoint.mcore import McoreError, load_mcore
+    try:
+        cfg, flat, info = load_mcore(src)
+    except McoreError as e:
+        refuse(f"--load-dir {src}: {e}")
+    fam = _mcore_family(cfg, plan["family"])
+    if fam is None and plan["dst"] == "hf":
+        refuse(f"--load-dir {src}: no Hugging Face family expresses this megatron-core config "
+               f"(norm {cfg.norm}, activation {cfg.activation}, position {cfg.position}); use --saver megatron")
+    model = build(cfg, family=fam)
+    params = _tree_of(model, flat, f"--load-dir {info['dir']}")
+    print(f"{PROG}: read megatron-core checkpoint {info['dir']} (tp {info['tp']} x pp {info['pp']}, "
+          f"iteration {info['iteration']}) as a {fam or 'family-less'} model; parameters only", file=sys.stderr)
+    return model, params, None, {"step": info["iteration"], "data": {}, "dir": info["dir"]}
 
 
 def merge_lora(args, model, params):

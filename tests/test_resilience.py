@@ -2,7 +2,7 @@
 the replica checksum, the survivors' decision of a failure checkpoint, and (slow, multiproc) a
 rank killed with SIGKILL in the middle of step 7 under torch.distributed.run --max-restarts 1:
 the survivors write the step-6 checkpoint, the launcher restarts the job, and the final
-parameters and optimizer state equal an uninterrupted run bitwise."""
+parameters and optimizer state equal an uninterrupted run bitwise; on DP4 and on TP2 x DP2."""
 from __future__ import annotations
 
 import json
@@ -169,7 +169,7 @@ HA_ARGS = ["--model", "debug", "--num-layers", "4", "--mock-data", "--seq-length
            "--distributed-timeout-minutes", "0.1", "--use-deter-comp"]
 
 
-def _torchrun(tmp, name, kill_at=None, timeout=240):
+def _torchrun(tmp, name, kill_at=None, timeout=240, extra=()):
     d = tmp / name
     d.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -177,7 +177,8 @@ def _torchrun(tmp, name, kill_at=None, timeout=240):
     env.update(OMP_NUM_THREADS="1", HA_KILL_RANK="2", HA_KILL_STEP="7", HA_KILL_AT=kill_at or "none")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--max-restarts", "1",
            "--monitor-interval", "0.5", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-           str(ROOT / "tests" / "_ha_kill.py"), *HA_ARGS, "--save", "ck", "--load", "ck", "--metrics-file", "m.jsonl"]
+           str(ROOT / "tests" / "_ha_kill.py"), *HA_ARGS, *extra, "--save", "ck", "--load", "ck",
+           "--metrics-file", "m.jsonl"]
     p = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
@@ -211,6 +212,36 @@ def test_kill9_mid_step7_survivors_checkpoint_and_the_restarted_job_equals_an_un
         assert f"failure checkpoint at iteration {step} written by ranks {writers} (dead or missing: [2])" in out, out
         assert f"resumed from ck/iter_{step:07d} at iteration {step}" in out, out
         assert "rank 3: failure at iteration" in out, out
+        assert json.loads((d / "ck" / f"iter_{step:07d}" / "manifest.json").read_text())["step"] == step
+        assert got == ref, (kill_at, got, ref)  # each step logged once, with the same bits
+        fin = _final(d)
+        assert sorted(fin) == sorted(ref_final)
+        for k, v in ref_final.items():
+            assert torch.equal(fin[k], v), (kill_at, k)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_kill9_mid_step7_at_tp2_x_dp2_equals_an_uninterrupted_run(tmp_path):
+    """TP2 x DP2 (rank = tp + 2 dp): rank 2 is (tp 0, dp 1). With dp 2 the replica layout holds
+    each tp slice's whole optimizer state on both dp ranks (one shard, two copies), so rank 0
+    (tp 0, dp 0) holds everything rank 2 held, and the decision needs both tp slices.
+    (a) killed after its step-7 backward, before the gradient reduction: the survivors are at
+    step 6 and write it (rank 0 for tp 0, rank 1 for tp 1, rank 3 writes its replica too).
+    (b) killed after its optimizer update of step 7: with one shard per half there is no
+    all-gather across dp after the update, so the survivors finish step 7 (it is logged), fail
+    in step 8 on the dead peer, and write step 7."""
+    tp = ["--tensor-model-parallel-size", "2"]
+    ref_dir, out, ref = _torchrun(tmp_path, "ref", extra=tp)
+    assert "world 4 = pp 1 x dp 2 x tp 2" in out, out
+    assert [s for s, *_ in ref] == list(range(1, 11))
+    ref_final = _final(ref_dir)
+    assert any(k.startswith("state/") for _, k in ref_final)
+    for kill_at, step in (("reduce", 6), ("update", 7)):
+        d, out, got = _torchrun(tmp_path, kill_at, kill_at=kill_at, extra=tp)
+        assert f"rank 0: failure at iteration {step + 1} (inside steps)" in out, out
+        assert f"failure checkpoint at iteration {step} written by ranks [0, 1, 3] (dead or missing: [2])" in out, out
+        assert f"resumed from ck/iter_{step:07d} at iteration {step}" in out, out
         assert json.loads((d / "ck" / f"iter_{step:07d}" / "manifest.json").read_text())["step"] == step
         assert got == ref, (kill_at, got, ref)  # each step logged once, with the same bits
         fin = _final(d)
