@@ -12,7 +12,7 @@ $(RUNTIME): setup.cfg pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e .
+	$(VPY) -m pip install -q -e '.[data]'
 	touch $(RUNTIME)
 
 $(TESTDEPS): $(RUNTIME)

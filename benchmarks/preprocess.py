@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""Throughput of preprocess_data (tokens/s) beside a plain HF `tokenizers` batch encode.
+"""preprocess_data throughput with 1 and N workers beside the bare tokenizer library's batch
+encode of the same documents, on a generated corpus.
 
-Input: ../shared/data/pretrain/tinystories_train_2MiB.txt (one document per non-blank line,
-as preprocess_data reads .txt). Vocabulary: GPT-2 vocab.json + merges.txt on both sides.
+Corpus: a ``.jsonl`` file of ``--mb`` MB (default 200) built by repeating the lines of
+../shared/data/pretrain/tinystories_train_2MiB.txt and wiki_demo.txt with a line number in front
+(so no two documents are equal), written once to a temporary folder.
 
-    python benchmarks/preprocess.py [--repeat 3] [--workers 1 2]
+    python benchmarks/preprocess.py [--mb 200] [--workers 1 2] [--tokenizer llama3] [--repeat 1]
 
-Extra rows: the same pipeline with the Llama-3 rank file (our pure-Python BPE) beside
-tiktoken's Rust encoder, for scale.
+Rows: wall and CPU seconds (worker processes included), MB/s; ratios: N workers vs 1 worker
+(wall), and 1 worker vs the bare library (tokens per CPU-second; the bare row is the library's
+batch call on the already-parsed texts, so the ratio is what parsing, BOS/EOS, the index and the
+writes cost on top of tokenising).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import resource
 import sys
 import tempfile
@@ -23,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pmodel.data import PreprocessConfig, preprocess  # noqa: E402
+from pmodel.data import PreprocessConfig, load_tokenizer, preprocess  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -45,66 +51,70 @@ def best_of(repeat, fn):
     return best, cpu, out
 
 
+def make_corpus(path: Path, mb: float) -> int:
+    lines = [l for f in ("tinystories_train_2MiB.txt", "wiki_demo.txt")
+             for l in (DATA / "pretrain" / f).read_text(encoding="utf-8").splitlines() if l.strip()]
+    size, i = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < mb * 1e6:
+            row = json.dumps({"text": f"{i}: {lines[i % len(lines)]}"}, ensure_ascii=False) + "\n"
+            f.write(row)
+            size += len(row.encode("utf-8"))
+            i += 1
+    return i
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--mb", type=float, default=200)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--skip-llama3", action="store_true")
+    p.add_argument("--tokenizer", default="llama3", help="a folder of ../shared/data/tokenizers")
+    p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args()
-    text_path = DATA / "pretrain" / "tinystories_train_2MiB.txt"
-    gpt2 = DATA / "tokenizers" / "gpt2"
-    if not text_path.exists():
+    if not DATA.exists():
         print("../shared/data not present", file=sys.stderr)
         return 1
-    load0 = f"{os.getloadavg()[0]:.2f}"
-    lines = [l for l in text_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok_path = DATA / "tokenizers" / args.tokenizer
+    load0 = os.getloadavg()[0]
     rows = []
-
-    def ours(tok_path, workers, kind="auto"):
-        with tempfile.TemporaryDirectory() as d:
-            cfg = PreprocessConfig(inputs=(str(text_path),), output_prefix=f"{d}/ts", tokenizer=str(tok_path),
-                                   tokenizer_kind=kind, workers=workers, progress=False, log_interval=0)
-            return preprocess(cfg).tokens
-
-    for w in args.workers:
-        sec, cpu, n = best_of(args.repeat, lambda: ours(gpt2, w))
-        rows.append((f"preprocess_data, GPT-2 BPE (HF tokenizers backend), {w} worker(s)", n, sec, cpu))
-
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-
-    tk = tokenizers.Tokenizer(models.BPE.from_file(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt")))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    sec, cpu, n = best_of(args.repeat, lambda: sum(len(e.ids) for e in tk.encode_batch(lines, add_special_tokens=False)))
-    rows.append(("baseline: HF tokenizers encode_batch, same vocab, one process "
-                 f"(TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'default')})", n, sec, cpu))
-
-    if not args.skip_llama3:
-        l3 = DATA / "tokenizers" / "llama3" / "tokenizer.model"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "corpus.jsonl"
+        n_docs = make_corpus(src, args.mb)
+        nbytes = src.stat().st_size
         for w in args.workers:
-            sec, cpu, n = best_of(args.repeat, lambda: ours(l3, w))
-            rows.append((f"preprocess_data, Llama-3 ranks (pure-Python BPE), {w} worker(s)", n, sec, cpu))
-        try:
-            import tiktoken
-            from tiktoken.load import load_tiktoken_bpe
+            def run(w=w):
+                cfg = PreprocessConfig(inputs=(str(src),), output_prefix=f"{d}/out{w}", tokenizer=str(tok_path),
+                                       workers=w, progress=False, log_interval=0)
+                return preprocess(cfg).tokens
+            sec, cpu, n = best_of(args.repeat, run)
+            rows.append((f"preprocess_data, {w} worker(s)", n, sec, cpu))
+        out = [Path(f"{d}/out{w}_text_document.bin").read_bytes() for w in args.workers]
+        identical = all(o == out[0] for o in out)
+        tok = load_tokenizer(tok_path)
+        bos = list(tok.bos_ids) if tok.add_bos else []
 
-            from pmodel.data.tokenizers import LLAMA3_PATTERN
-
-            enc = tiktoken.Encoding(name="l3", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(l3)),
-                                    special_tokens={})
-            sec, cpu, n = best_of(args.repeat, lambda: sum(len(x) for x in enc.encode_ordinary_batch(lines)))
-            rows.append(("reference: tiktoken encode_ordinary_batch, Llama-3 ranks", n, sec, cpu))
-        except ImportError:
-            pass
-
-    print(f"input: {text_path.name}, {len(lines)} non-blank lines, CPUs: {os.cpu_count()}, "
-          f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}")
-    print("| what | tokens | wall s | tokens/s (wall) | CPU s | tokens per CPU-second |")
+        def read_parse_encode():
+            texts = [json.loads(l)["text"] for l in src.read_text(encoding="utf-8").splitlines()]
+            return sum(len(x) + len(bos) for x in tok.encode_batch(texts))
+        sec, cpu, n = best_of(args.repeat, read_parse_encode)
+        rows.append(("bare: read + json.loads + library batch encode, 1 process", n, sec, cpu))
+        texts = [json.loads(l)["text"] for l in src.read_text(encoding="utf-8").splitlines()]
+        sec, cpu, n = best_of(args.repeat, lambda: sum(len(x) + len(bos) for x in tok.encode_batch(texts)))
+        rows.append(("bare: library batch encode of the parsed texts, 1 process", n, sec, cpu))
+    print(f"corpus: {n_docs} documents, {nbytes / 1e6:.1f} MB .jsonl; tokenizer: {args.tokenizer}; machine: "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; load average "
+          f"before/after: {load0:.2f} / {os.getloadavg()[0]:.2f}; outputs identical across worker counts: {identical}")
+    print("| what | tokens | wall s | MB/s (wall) | CPU s | tokens per CPU-second |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, n, sec, cpu in rows:
-        print(f"| {name} | {n} | {sec:.2f} | {n / sec:,.0f} | {cpu:.2f} | {n / max(cpu, 1e-9):,.0f} |")
-    return 0
+        print(f"| {name} | {n} | {sec:.2f} | {nbytes / 1e6 / sec:.1f} | {cpu:.2f} | {n / max(cpu, 1e-9):,.0f} |")
+    one = rows[0]
+    for name, n, sec, cpu in rows[1:-2]:
+        print(f"{name} vs 1 worker: {one[2] / sec:.2f}x wall, {(n / cpu) / (one[1] / one[3]):.2f}x tokens per CPU-s")
+    for bare in rows[-2:]:
+        print(f"1 worker vs {bare[0]}, tokens per CPU-second: {(one[1] / one[3]) / (bare[1] / bare[3]):.2f}x")
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_script_refuses_flags_it_would_ignore(tmp_path, capsys):
         (["--tokenizer-type", "ByteTokenizer", "--tokenizer-model", str(src)], "ByteTokenizer reads no file"),
         (["--tokenizer-model", "a.model", "--tokenizer-name-or-path", "d"], "give one of --tokenizer-model"),
         (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler",
-          "--json-keys", "instruction"], "--json-keys applies to GeneralPretrainHandler"),
+          "--json-keys", "instruction"], "--json-keys applies to the pretraining handlers"),
         # library refusals come back in the script's own flags
         (["--tokenizer-type", "ByteTokenizer", "--workers", "0"], "error: --workers must be >= 1, got 0"),
         (["--tokenizer-type", "ByteTokenizer", "--handler-name", "AlpacaStyleInstructionHandler", "--pack"],

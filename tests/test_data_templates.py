@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ CONV = [Message(role="system", content="S"), Message(role="user", content="U1"),
 GOLDEN = {
     "empty": "S\n\nU1A1</s>U2A2</s>",
     "default": "S\nHuman: U1\nAssistant:A1</s>\nHuman: U2\nAssistant:A2</s>",
-    "alpaca": "S### Instruction:\nU1\n\n### Response:\nA1</s>\n\n### Instruction:\nU2\n\n### Response:\nA2</s>",
+    "alpaca": "S### Instruction:\nU1\n\n### Response:A1</s>\n\n### Instruction:\nU2\n\n### Response:A2</s>",
     "llama2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST] A2 </s>",
     "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -26,10 +28,10 @@ GOLDEN = {
                "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>"),
     "mistral": "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>",
     "chatml": ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-               "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>"),
+               "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n"),
     "chatglm3": "[gMASK]sop<|system|>\nS<|user|>\nU1<|assistant|>\nA1<|user|>\nU2<|assistant|>\nA2</s>",
     "gemma": ("<bos><start_of_turn>user\nS\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
-              "<start_of_turn>user\nU2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>"),
+              "<start_of_turn>user\nU2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>\n"),
 }
 BOS = {"llama3": "<|begin_of_text|>", "gemma": "<bos>"}
 RESPONSES = {  # the labelled text of each template, turn by turn
@@ -57,13 +59,51 @@ def test_alpaca_stanford_format():
                                        Message(role="assistant", content="2")], with_input=True)
     assert msgs_text == ("Below is an instruction that describes a task, paired with an input that provides further "
                          "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                         "Add.\n\n### Input:\n1 + 1\n\n### Response:\n2</s>")
+                         "Add.\n\n### Input:\n1 + 1\n\n### Response:2</s>")
     tok = ByteTokenizer()
     r = encode_record(rec, tok, "alpaca")
     assert tok.decode(r.ids) == msgs_text
     r2 = encode_record({"instruction": "Say hi.", "output": "hi"}, tok, "alpaca")
     assert tok.decode(r2.ids) == ("Below is an instruction that describes a task. Write a response that appropriately "
-                                  "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\nhi</s>")
+                                  "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:hi</s>")
+
+
+# tatsu-lab/stanford_alpaca train.py PROMPT_DICT, verbatim.
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def test_alpaca_equals_stanford_train_py_on_llama2():
+    """train.py's preprocess: tokenizer(source + output + eos) with labels masked on
+    len(tokenizer(source)); the LLaMA tokenizer call is BOS + sentencepiece, "</s>" -> EOS."""
+    import sentencepiece as spm
+
+    from tests._data_helpers import shared_data
+
+    root = shared_data()
+    recs = json.loads((root / "sft" / "alpaca" / "alpaca_data_first1000.json").read_text(encoding="utf-8"))[:200]
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / "llama2" / "tokenizer.model"))
+    tok = load_tokenizer(root / "tokenizers" / "llama2")
+    same = 0
+    for rec in recs:
+        source = PROMPT_DICT["prompt_input" if rec.get("input", "") != "" else "prompt_no_input"].format_map(rec)
+        want_ids = [1] + sp.encode(source + rec["output"]) + [2]
+        n = 1 + len(sp.encode(source))
+        want_labels = [IGNORE_INDEX] * n + want_ids[n:]
+        r = encode_record(rec, tok, "alpaca")
+        assert r.ids[-1] == 2 and tok.decode(r.ids) == source + rec["output"]  # (SentencePiece drops BOS/EOS)
+        same += (r.ids, r.labels) == (want_ids, want_labels)
+    assert same == len(recs)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
@@ -72,7 +112,9 @@ def test_labels_exactly_on_responses(name, turns):
     tok = ByteTokenizer(specials=_all_specials() + ["<|begin_of_text|>", "<bos>", "[gMASK]", "sop"])
     conv = CONV[:1 + 2 * turns]
     r = render(tok, name, conv)
-    assert tok.decode(r.ids) == render_text(name, conv)  # bos/eos of ByteTokenizer are <s> / </s>
+    # bos/eos of ByteTokenizer are <s> / </s>; its [INST] is a special id, so mistral folds the
+    # system text into the last user turn (mistral-common v2 / v3)
+    assert tok.decode(r.ids) == render_text(name, conv, fold_last=name == "mistral")
     lab = np.asarray(r.labels)
     ids = np.asarray(r.ids)
     on = lab != IGNORE_INDEX
@@ -134,6 +176,33 @@ def test_real_tokenizers_chat_ids():
     assert r.ids == [1, 3] + v3.encode("Hi there") + [4] + v3.encode("Hello! How can I help?") + [2]
 
 
+def test_model_template_details_on_real_tokenizers():
+    root = shared_data() / "tokenizers"
+    conv = [Message(role="system", content="Be brief."), Message(role="user", content="Hi there"),
+            Message(role="assistant", content="Hello!"), Message(role="user", content="A joke"),
+            Message(role="assistant", content="No.")]
+    # mistral-common InstructTokenizerV1: BOS, encode("[INST] {system}\n\n{first user} [/INST]"),
+    # encode(answer) + EOS (a separate call: the answer gets SentencePiece's space) per turn
+    v1 = load_tokenizer(root / "mistral" / "tokenizer.model.v1")
+    want = ([1] + v1.encode("[INST] Be brief.\n\nHi there [/INST]") + v1.encode("Hello!") + [2]
+            + v1.encode("[INST] A joke [/INST]") + v1.encode("No.") + [2])
+    assert render(v1, "mistral", conv).ids == want
+    # v3 (InstructTokenizerV2/V3): control [INST]; the system prompt joins the *last* user message
+    v3 = load_tokenizer(root / "mistral" / "mistral_instruct_tokenizer_240323.model.v3")
+    want = ([1, 3] + v3.encode("Hi there") + [4] + v3.encode("Hello!") + [2]
+            + [3] + v3.encode("Be brief.\n\nA joke") + [4] + v3.encode("No.") + [2])
+    assert render(v3, "mistral", conv).ids == want
+    # Llama-3 chat_template trims every message
+    l3 = load_tokenizer(root / "llama3" / "tokenizer.model")
+    padded = [Message(role=m.role, content=f"  {m.content}\n ") for m in conv]
+    assert render(l3, "llama3", padded).ids == render(l3, "llama3", conv).ids
+    # ChatML (Qwen1.5 chat_template): every message, the last included, ends "<|im_end|>\n"
+    q = load_tokenizer(root / "qwen" / "qwen.tiktoken")
+    r = render(q, "chatml", conv)
+    text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in conv)
+    assert r.ids == q.encode(text, allow_special=True) and r.ids[-2:] == [151645, 198] and r.labels[-1] == -100
+
+
 def test_sharegpt_and_alpaca_history_multi_turn():
     tok = ByteTokenizer(specials=["<|im_start|>", "<|im_end|>"])
     rec = {"conversations": [{"from": "system", "value": "Sys"}, {"from": "human", "value": "q1"},
@@ -147,7 +216,7 @@ def test_sharegpt_and_alpaca_history_multi_turn():
     assert r2.ids == r.ids and r2.labels == r.labels
     mapped = encode_record({"prompt": "q2", "response": "a2"}, tok, "chatml",
                            map_keys={"instruction": "prompt", "output": "response"})
-    assert tok.decode(mapped.ids).endswith("q2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>")
+    assert tok.decode(mapped.ids).endswith("q2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n")
 
 
 def test_knapsack_and_collate_packed():

@@ -95,9 +95,10 @@ def test_parallel_does_not_import_lora():
 
 
 def test_library_imports_no_scripts_benchmarks_tests_or_oracles():
-    # test helpers live in tests/ as top-level modules (sys.path), so name them too
+    # test helpers live in tests/ as top-level modules (sys.path), so name them too; tiktoken is a
+    # runtime dependency (the rank-file tokenizers run on it, issue 15), no longer only an oracle
     forbidden = ("scripts", "benchmarks", "tests", "conftest", "_dist", "_parallel_checks", "_data_helpers",
-                 "npu_standins", "transformers", "peft", "megatron", "tiktoken")
+                 "npu_standins", "transformers", "peft", "megatron")
     bad = _violations(_sources(), forbidden)
     assert not bad, "\n".join(bad)
 

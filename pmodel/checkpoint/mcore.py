@@ -46,7 +46,6 @@ only: train on with ``--no-load-optim``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import types
@@ -67,8 +66,14 @@ class McoreError(ValueError):
     """A megatron-core checkpoint that cannot be imported (the message says which file and why)."""
 
 
+class Namespace(types.SimpleNamespace):
+    """What an ``argparse.Namespace`` in a Megatron file loads as: an attribute bag (the library
+    parses no flags, so it maps the pickled name onto this data-only class instead of importing
+    argparse)."""
+
+
 def _safe_globals() -> list:
-    out = [argparse.Namespace, types.SimpleNamespace]
+    out = [(Namespace, "argparse.Namespace"), types.SimpleNamespace]
     try:  # NumPy's array reconstruction: np.random.get_state() in Megatron's rng_state
         import numpy as np
         try:
@@ -92,7 +97,7 @@ def read_rank_file(path: str | os.PathLike) -> dict:
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError) for unsafe globals
         needed = []
         try:
-            allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+            allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
             needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
         except Exception:
             pass
@@ -280,7 +285,7 @@ def load_mcore(d: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tup
         raise McoreError(f"{it_dir}: the files hold {offset} layers, args say num_layers {cfg.num_layers}")
     flat = _to_pmodel(cfg, merged, tp, str(it_dir))
     info = {"iteration": int(first.get("iteration", 0) or 0), "tp": tp, "pp": pp, "dir": str(it_dir),
-            "virtual_chunks": v, "args": dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)}
+            "virtual_chunks": v, "args": dict(vars(args)) if isinstance(args, types.SimpleNamespace) else dict(args)}
     return cfg, flat, info
 
 

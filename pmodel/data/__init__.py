@@ -7,7 +7,7 @@ from .instruction import (Examples, InstructionDataset, RecordError, alpaca_mess
                           read_records,
                           greedy_knapsack, pack_examples, sharegpt_messages, shift_example,
                           truncate_turns)
-from .preprocess import PreprocessConfig, PreprocessError, PreprocessReport, preprocess
+from .preprocess import PreprocessConfig, PreprocessError, PreprocessReport, merge_datasets, preprocess
 from .pretrain import (BlendedDataset, PretrainConfig, PretrainDataset, build_pretrain_datasets,
                        parse_data_path, split_ranges)
 from .templates import (IGNORE_INDEX, TEMPLATES, ChatTemplate, Message, Rendered, get_template,
@@ -27,5 +27,5 @@ __all__ = [
     "shift_example", "greedy_knapsack", "pack_examples", "InstructionDataset", "read_records",
     "encode_examples", "Examples",
     "CollatorConfig", "collate", "MicroBatchLoader",
-    "PreprocessConfig", "PreprocessReport", "PreprocessError", "preprocess",
+    "PreprocessConfig", "PreprocessReport", "PreprocessError", "preprocess", "merge_datasets",
 ]

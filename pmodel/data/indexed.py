@@ -115,6 +115,48 @@ class IndexedDatasetWriter:
                 start += n
         self.end_document()
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, sequences_per_document: np.ndarray) -> None:
+        """Append many documents at once (the bytes equal adding them one by one).
+
+        Args:
+            tokens: all their tokens back to back (1-D).
+            lengths: tokens per sequence (sums to ``tokens.size``).
+            sequences_per_document: sequences in each document (sums to ``lengths.size``).
+        """
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        per_doc = np.asarray(sequences_per_document, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size or int(per_doc.sum()) != lengths.size:
+            raise ValueError(f"{self.prefix}: {tokens.size} tokens, lengths summing to {int(lengths.sum())} over "
+                             f"{lengths.size} sequences, documents holding {int(per_doc.sum())} sequences")
+        if tokens.size and tokens.dtype.kind in "iu" and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            lo, hi = tokens.min(), tokens.max()
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{self.prefix}: values [{lo}, {hi}] do not fit {self.dtype}")
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        base = len(self._lengths)
+        self._lengths.extend(lengths.tolist())
+        self._doc_index.extend((base + np.cumsum(per_doc)).tolist())
+
+    def add_index(self, prefix: str | Path) -> None:
+        """Append a whole dataset (megatron-core ``IndexedDatasetBuilder.add_index``): its
+        ``.bin`` bytes are copied and its sequences and documents follow the ones written so far.
+
+        Args:
+            prefix: the dataset to append (same dtype).
+        """
+        import shutil
+
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise ValueError(f"{self.prefix}: cannot append {prefix} of dtype {other.dtype} to dtype {self.dtype}")
+        base = len(self._lengths)
+        self._lengths.extend(other.sequence_lengths.tolist())
+        self._doc_index.extend((base + other.document_indices[1:]).tolist())
+        with open(other.prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self._bin, 16 << 20)
+
     @property
     def num_sequences(self) -> int:
         return len(self._lengths)

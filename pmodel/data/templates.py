@@ -9,7 +9,8 @@ their own ids as labels. Masking is therefore exact by construction, by token po
 never by re-tokenising a prefix and hoping the boundary lines up.
 
 Inside a template string, ``{content}`` is the message text (never scanned for special
-tokens), ``{bos}`` / ``{eos}`` are the tokenizer's BOS / EOS ids, and every string listed in
+tokens), ``{bos}`` / ``{eos}`` are the tokenizer's BOS / EOS ids, ``{add_bos}`` is its BOS ids
+when the tokenizer adds them by default (``Tokenizer.add_bos``), and every string listed in
 ``ChatTemplate.specials`` (role markers such as ``<|im_start|>``) becomes its special id when
 the tokenizer has one, else it is tokenised as text.
 
@@ -83,6 +84,21 @@ class ChatTemplate:
             ``build_chat_input``) instead of as one text.
         stop_markers: special tokens besides EOS that end an assistant reply at inference (the
             reference's extra stop ids, e.g. ChatGLM3's ``<|user|>`` / ``<|observation|>``).
+        joint_text: tokenise each run of text between special ids as one string and label the
+            tokens from ``len(encode(text before the response))`` on, as Stanford Alpaca's
+            ``train.py`` does (a token that straddles the prompt / response cut, e.g. ``:-``,
+            counts as prompt), instead of segment by segment.
+        trailer: text after the last assistant turn (prompt, unlabelled), so that a training
+            conversation renders as the model's own template does (ChatML's ``<|im_end|>\n``,
+            Gemma's ``<end_of_turn>\n``); dropped with the turn when a sample is truncated.
+        fold_last_if_special: when the tokenizer has this special token, the system text is
+            folded into the *last* user turn instead of the first (mistral-common's v2 / v3
+            instruct tokenizers, whose ``[INST]`` is a control token; v1 folds into the first).
+        fresh_after: role markers that, when they are plain text in the vocabulary, end a text
+            run: the text after them is encoded as a fresh string (mistral-common v1 encodes
+            ``"[INST] u [/INST]"`` and the answer with separate SentencePiece calls, so the
+            answer gets the word-boundary space).
+        strip_content: strip every message's content (Llama-3's ``| trim``).
         marker_ids: ids the role markers must have in the tokenizer (the reference hard-codes
             them, e.g. Baichuan2's ``user_token_id`` 195); rendering with a vocabulary that puts
             them elsewhere raises instead of writing the wrong ids (not checked for a
@@ -104,6 +120,11 @@ class ChatTemplate:
     encode_parts: bool = False
     stop_markers: tuple[str, ...] = ()
     marker_ids: Mapping[str, int] = field(default_factory=dict)
+    joint_text: bool = False
+    trailer: str = ""
+    fold_last_if_special: str = ""
+    fresh_after: tuple[str, ...] = ()
+    strip_content: bool = False
 
     def __post_init__(self):
         for fname in ("user", "assistant"):
@@ -134,33 +155,39 @@ _TEMPLATE_LIST = [
                  separator="\n"),
     # Stanford Alpaca (tatsu-lab/stanford_alpaca train.py PROMPT_DICT); multi-turn as in
     # LLaMA-Factory's alpaca template (turns separated by a blank line).
-    ChatTemplate(name="alpaca", system="{content}", user="### Instruction:\n{content}\n\n### Response:\n",
+    # PROMPT_DICT ends "### Response:" and train.py appends f"{output}{eos_token}"; its tokenizer
+    # call adds BOS when the tokenizer does by default ({add_bos}).
+    ChatTemplate(name="alpaca", prefix="{add_bos}", system="{content}",
+                 user="### Instruction:\n{content}\n\n### Response:",
                  separator="\n\n", default_system=_ALPACA_SYS,
-                 user_with_input="### Instruction:\n{content}\n\n### Response:\n",
-                 system_with_input=_ALPACA_SYS_INPUT),
+                 user_with_input="### Instruction:\n{content}\n\n### Response:",
+                 system_with_input=_ALPACA_SYS_INPUT, joint_text=True),
     # Meta llama generation.py: each exchange is <s>[INST] u [/INST] a </s>.
     ChatTemplate(name="llama2", user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}",
                  system_fold="<<SYS>>\n{system}\n<</SYS>>\n\n{content}"),
     # Meta llama-models chat_format.py.
-    ChatTemplate(name="llama3", prefix="{bos}",
+    ChatTemplate(name="llama3", prefix="{bos}", strip_content=True,
                  system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
                  user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                       "<|start_header_id|>assistant<|end_header_id|>\n\n",
                  assistant="{content}<|eot_id|>",
                  specials=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     # Mistral-7B-Instruct chat_template: <s>[INST] u [/INST]a</s>[INST] u2 [/INST]a2</s>.
+    # mistral-common: v1 (text markers) encodes "[INST] u [/INST]" and the answer separately and
+    # folds the system prompt into the first user turn; v2 / v3 (control [INST]) into the last.
     ChatTemplate(name="mistral", prefix="{bos}", user="[INST] {content} [/INST]",
-                 assistant="{content}{eos}", specials=("[INST]", "[/INST]")),
+                 assistant="{content}{eos}", specials=("[INST]", "[/INST]"),
+                 fold_last_if_special="[INST]", fresh_after=("[/INST]",)),
     # ChatML as Qwen1.5 / Qwen2's tokenizer_config chat_template writes it (one text between
     # the markers): <|im_start|>role\ncontent<|im_end|>\n.
-    ChatTemplate(name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
+    ChatTemplate(name="chatml", trailer="\n", system="<|im_start|>system\n{content}<|im_end|>\n",
                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                  assistant="{content}<|im_end|>", separator="\n",
                  default_system="You are a helpful assistant.",
                  specials=("<|im_start|>", "<|im_end|>")),
     # Qwen (v1) qwen_generation_utils.make_context (chat_format "chatml"): the same text, with
     # role, "\n" and content tokenised separately; chat()'s default system message.
-    ChatTemplate(name="qwen", system="<|im_start|>system\n{content}<|im_end|>\n",
+    ChatTemplate(name="qwen", trailer="\n", system="<|im_start|>system\n{content}<|im_end|>\n",
                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                  assistant="{content}<|im_end|>", separator="\n",
                  default_system="You are a helpful assistant.",
@@ -194,12 +221,12 @@ _TEMPLATE_LIST = [
                  assistant="{content}<eoa>", separator="\n", specials=("<eoh>", "<eoa>"),
                  marker_ids={"<eoh>": 103027, "<eoa>": 103028}),
     # InternLM2-chat tokenizer_config chat_template: BOS, then ChatML (no default system).
-    ChatTemplate(name="internlm2", prefix="{bos}", system="<|im_start|>system\n{content}<|im_end|>\n",
+    ChatTemplate(name="internlm2", prefix="{bos}", trailer="\n", system="<|im_start|>system\n{content}<|im_end|>\n",
                  user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                  assistant="{content}<|im_end|>", separator="\n", specials=("<|im_start|>", "<|im_end|>"),
                  marker_ids={"<|im_start|>": 92543, "<|im_end|>": 92542}),
     # Gemma chat_template: system text folded into the first user turn.
-    ChatTemplate(name="gemma", prefix="{bos}",
+    ChatTemplate(name="gemma", prefix="{bos}", trailer="\n",
                  user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
                  assistant="{content}<end_of_turn>", separator="\n",
                  specials=("<start_of_turn>", "<end_of_turn>")),
@@ -232,7 +259,7 @@ def get_template(name: str | None) -> ChatTemplate:
 
 def _parts(fmt: str, template: ChatTemplate, **values: str) -> list[tuple[str, str]]:
     """Split a format string into parts, substituting ``{content}`` / ``{system}``."""
-    keys = ["{bos}", "{eos}"] + [f"{{{k}}}" for k in values]
+    keys = ["{bos}", "{eos}", "{add_bos}"] + [f"{{{k}}}" for k in values]
     pieces = sorted(set(keys) | set(template.specials), key=len, reverse=True)
     pat = re.compile("|".join(re.escape(p) for p in pieces))
     out: list[tuple[str, str]] = []
@@ -243,6 +270,8 @@ def _parts(fmt: str, template: ChatTemplate, **values: str) -> list[tuple[str, s
         tok = m.group(0)
         if tok == "{bos}":
             out.append(("bos", ""))
+        elif tok == "{add_bos}":
+            out.append(("add_bos", ""))
         elif tok == "{eos}":
             out.append(("eos", ""))
         elif tok in keys:
@@ -255,9 +284,12 @@ def _parts(fmt: str, template: ChatTemplate, **values: str) -> list[tuple[str, s
     return out
 
 
-def _segments(template: ChatTemplate, messages: Sequence[Message], *, with_input: bool = False):
+def _segments(template: ChatTemplate, messages: Sequence[Message], *, with_input: bool = False,
+              fold_last: bool = False):
     """Yield (parts, is_response, turn) in order; turn counts user/assistant exchanges."""
     msgs = list(messages)
+    if template.strip_content:
+        msgs = [Message(role=m.role, content=m.content.strip()) for m in msgs]
     system = template.system_with_input if (with_input and template.system_with_input) else template.default_system
     if msgs and msgs[0].role == "system":
         system = msgs[0].content
@@ -278,7 +310,8 @@ def _segments(template: ChatTemplate, messages: Sequence[Message], *, with_input
             if turn > 0:
                 prompt += _parts(template.separator, template)
             user_fmt = template.user_with_input if (with_input and template.user_with_input) else template.user
-            if turn == 0 and template.system is None and system:
+            fold_at = (max(i for i, x in enumerate(msgs) if x.role == "user") if fold_last else 0)
+            if k == fold_at and template.system is None and system:
                 fold = _parts(template.system_fold, template, system=system, content=m.content)
                 content = "".join(v for _, v in fold)  # folded text is all content
                 prompt += _parts(user_fmt, template, content=content)
@@ -291,12 +324,14 @@ def _segments(template: ChatTemplate, messages: Sequence[Message], *, with_input
             if k == len(msgs) - 1:
                 resp += _parts(template.end, template)
             yield resp, True, turn
+    if msgs[-1].role == "assistant" and template.trailer:
+        prompt += _parts(template.trailer, template)
     if prompt:
         yield prompt, False, len(msgs) // 2
 
 
 def render_text(template: ChatTemplate | str, messages: Sequence[Message], *, bos: str = "<s>",
-                eos: str = "</s>", with_input: bool = False) -> str:
+                eos: str = "</s>", with_input: bool = False, fold_last: bool = False) -> str:
     """The conversation as one string (for golden tests and inspection).
 
     Args:
@@ -304,15 +339,17 @@ def render_text(template: ChatTemplate | str, messages: Sequence[Message], *, bo
         messages: the conversation.
         bos / eos: strings written for ``{bos}`` / ``{eos}``.
         with_input: alpaca records that carry an ``input``.
+        fold_last: fold the system text into the last user turn (what :func:`render` does when
+            the tokenizer has the template's ``fold_last_if_special`` token).
 
     Returns:
         The rendered string.
     """
     t = get_template(template) if isinstance(template, str) else template
     out = []
-    for parts, _, _ in _segments(t, messages, with_input=with_input):
+    for parts, _, _ in _segments(t, messages, with_input=with_input, fold_last=fold_last):
         for kind, v in parts:
-            out.append(bos if kind == "bos" else eos if kind == "eos" else v)
+            out.append(bos if kind == "bos" else eos if kind == "eos" else "" if kind == "add_bos" else v)
     return "".join(out)
 
 
@@ -352,11 +389,14 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
             raise ValueError(f"chat template {t.name!r} needs {marker!r} = id {want} (the reference hard-codes it), "
                              f"but tokenizer {tokenizer.path or type(tokenizer).__name__} has "
                              f"{'no such token' if got is None else f'id {got}'}; use the template of its family")
+    if t.joint_text:
+        return _render_joint(tokenizer, t, messages, with_input)
+    fold_last = bool(t.fold_last_if_special) and t.fold_last_if_special in tokenizer.special_tokens
     ids: list[int] = []
     labels: list[int] = []
     turn_ends: list[int] = []
     after_special = True  # at the start, text is encoded as a fresh string
-    for parts, is_response, turn in _segments(t, messages, with_input=with_input):
+    for parts, is_response, turn in _segments(t, messages, with_input=with_input, fold_last=fold_last):
         seg: list[int] = []
         text_buf: list[str] = []
 
@@ -400,9 +440,17 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
                 sid = tokenizer.special_tokens.get(v)
                 if sid is None:
                     text_buf.append(v)  # not a special in this vocabulary: plain text
+                    if v in t.fresh_after:
+                        flush()
+                        after_special = True  # the next text is a fresh encode
                     continue
                 flush(before_special=True)
                 seg.append(sid)
+            elif kind == "add_bos":  # the tokenizer's default BOS (transformers' tokenizer(text))
+                if not tokenizer.add_bos:
+                    continue
+                flush()
+                seg.extend(tokenizer.bos_ids)
             else:
                 flush()
                 seg.append(tokenizer._require("bos_id" if kind == "bos" else "eos_id"))
@@ -412,4 +460,52 @@ def render(tokenizer: Tokenizer, template: ChatTemplate | str, messages: Sequenc
         labels.extend(seg if is_response else [IGNORE_INDEX] * len(seg))
         if is_response:
             turn_ends.append(len(ids))
+    return Rendered(ids=ids, labels=labels, turn_ends=turn_ends)
+
+
+def _render_joint(tokenizer: Tokenizer, t: ChatTemplate, messages: Sequence[Message], with_input: bool) -> Rendered:
+    """``joint_text`` rendering: one ``encode`` per run of text between special ids; response
+    labels start at the token count of the run's text before the response (Stanford Alpaca)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    turn_ends: list[int] = []
+    run: list[str] = []
+    spans: list[tuple[int, int]] = []  # response character spans inside the run
+
+    def flush():
+        text = "".join(run)
+        if not text:
+            return
+        enc = tokenizer.encode(text)  # fresh: at the start or after a special id
+        lab = [IGNORE_INDEX] * len(enc)
+        for a, b in spans:
+            na = len(tokenizer.encode(text[:a])) if a else 0
+            nb = len(enc) if b >= len(text) else len(tokenizer.encode(text[:b]))
+            lab[na:nb] = enc[na:nb]
+        ids.extend(enc)
+        labels.extend(lab)
+        run.clear()
+        spans.clear()
+
+    for parts, is_response, _ in _segments(t, messages, with_input=with_input):
+        for kind, v in parts:
+            if kind in ("text", "content") or (kind == "special" and v not in tokenizer.special_tokens):
+                pos = sum(len(x) for x in run)
+                run.append(v)
+                if is_response and v:
+                    spans.append((pos, pos + len(v)))
+                continue
+            flush()
+            if kind == "add_bos":
+                new = list(tokenizer.bos_ids) if tokenizer.add_bos else []
+            elif kind == "special":
+                new = [tokenizer.special_tokens[v]]
+            else:
+                new = [tokenizer._require("bos_id" if kind == "bos" else "eos_id")]
+            ids.extend(new)
+            labels.extend(new if is_response else [IGNORE_INDEX] * len(new))
+        if is_response:
+            flush()
+            turn_ends.append(len(ids))
+    flush()
     return Rendered(ids=ids, labels=labels, turn_ends=turn_ends)

@@ -6,12 +6,15 @@ Four backends, all exposing the same :class:`Tokenizer` surface
 
 * :class:`SentencePieceTokenizer` -- SentencePiece ``.model`` files (LLaMA-1/2, Mistral,
   InternLM, stories260K, ...). SentencePiece itself is the reference.
-* :class:`BPERankTokenizer` -- tiktoken-style rank files (``base64(token) rank`` per line):
-  Llama-3 ``tokenizer.model`` and Qwen ``qwen.tiktoken``. Pure-Python byte-pair merge over
-  ranks with each family's pre-tokenisation regex and special tokens. tiktoken is only a test
-  oracle and is never imported here.
+* :class:`BPERankTokenizer` -- tiktoken rank files (``base64(token) rank`` per line):
+  Llama-3 ``tokenizer.model`` and Qwen ``qwen.tiktoken``, run by ``tiktoken`` with each
+  family's pre-tokenisation regex and special tokens.
 * :class:`HFTokenizer` -- Hugging Face ``tokenizer.json`` or GPT-2-style ``vocab.json`` +
-  ``merges.txt`` through the ``tokenizers`` package (imported lazily).
+  ``merges.txt`` through the ``tokenizers`` package.
+
+The backend libraries (``sentencepiece``, ``tiktoken``, ``tokenizers``) are runtime
+dependencies, imported when a tokenizer of that kind is loaded. ``encode_batch`` goes through
+each library's batch API.
 * :class:`ByteTokenizer` -- a dependency-free byte-level tokenizer (256 byte ids, then the
   special tokens). Used for tests on a fresh clone and for quick experiments.
 
@@ -139,6 +142,20 @@ class Tokenizer:
             The list of token ids.
         """
         return self._encode_text(text, first=False) if text else []
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts: ``[encode(t) for t in texts]`` (no BOS / EOS, specials stay text),
+        through the backend library's batch API where it has one.
+
+        Args:
+            texts: the texts.
+            num_threads: threads the backend may use (1: the calling thread only, which is what
+                a preprocessing worker process wants).
+
+        Returns:
+            One list of ids per text.
+        """
+        return [self._encode_text(t, first=True) if t else [] for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids back to text (special tokens are written out as their strings).
@@ -337,6 +354,10 @@ class SentencePieceTokenizer(Tokenizer):
         ids = self._sp.EncodeAsIds(self._marker + text)
         return list(ids[self._marker_len:])
 
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts at once (``SentencePieceProcessor.Encode`` on the list)."""
+        return self._sp.Encode(list(texts), num_threads=max(int(num_threads), 1))
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         if not self._special_text:
@@ -480,23 +501,28 @@ def _bpe_spec(path: Path, num_ranks: int, family: str) -> _BPESpec:
 
 
 class BPERankTokenizer(Tokenizer):
-    """Byte-level BPE over a tiktoken-style rank file, in pure Python.
+    """Byte-level BPE over a tiktoken rank file, run by ``tiktoken``.
 
-    The algorithm is tiktoken's: pre-tokenise with the family regex, then in each piece
-    repeatedly merge the adjacent pair whose concatenation has the lowest rank. A per-word
-    cache (bounded; cleared when full) lives on the instance.
+    The file is parsed here (``base64(token) rank`` per line, errors name the line) and handed to
+    ``tiktoken.Encoding`` with the family's pre-tokenisation regex and special tokens; plain text
+    goes through ``encode_ordinary`` (special-token strings stay text), so ids equal the
+    reference implementations (Meta's llama-models and Qwen's ``tokenization_qwen.py`` are
+    tiktoken too). Qwen's NFC normalisation is applied before encoding, as its reference does.
 
     Args:
         path: the rank file (``base64(token_bytes) rank`` per line).
         family: ``"auto"`` (by file name / size), ``"llama3"``, ``"qwen"`` or ``"generic"``.
         pattern: override the pre-tokenisation regex.
         special_tokens: override the special tokens (string -> id).
-        cache_size: number of pre-tokenised words to memoise.
     """
 
     def __init__(self, path: str | Path, *, family: str = "auto", pattern: str | None = None,
-                 special_tokens: Mapping[str, int] | None = None, cache_size: int = 200_000):
-        import regex
+                 special_tokens: Mapping[str, int] | None = None):
+        try:
+            import tiktoken
+        except ImportError:
+            raise ImportError(f"loading the rank file {path} needs the 'tiktoken' package: "
+                              "pip install tiktoken") from None
 
         path = Path(path)
         self.path = str(path)
@@ -514,70 +540,44 @@ class BPERankTokenizer(Tokenizer):
                         f"{path}:{lineno}: expected 'base64(token) rank', got {line[:60]!r}") from None
         spec = _bpe_spec(path, len(ranks), family)
         self.family = spec.family
-        self._ranks = ranks
-        self._decoder = {r: b for b, r in ranks.items()}
         self.special_tokens = dict(special_tokens if special_tokens is not None else spec.special_tokens)
-        self._special_decoder = {i: s.encode() for s, i in self.special_tokens.items()}
-        self._pat = regex.compile(pattern or spec.pattern)
         self._nfc = spec.nfc
+        self._enc = tiktoken.Encoding(name=f"pmodel:{path}", pat_str=pattern or spec.pattern,
+                                      mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
         self.vocab_size = max([len(ranks) - 1, *self.special_tokens.values(), *ranks.values()]) + 1
         self.bos_id = self.special_tokens.get(spec.bos) if spec.bos else None
         self.eos_id = self.special_tokens.get(spec.eos) if spec.eos else None
         self.pad_id = self.special_tokens.get(spec.pad) if spec.pad else None
-        self._cache: dict[str, tuple[int, ...]] = {}
-        self._cache_size = cache_size
 
     def _encode_text(self, text: str, first: bool) -> list[int]:
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
-        out: list[int] = []
-        cache, ranks = self._cache, self._ranks
-        for word in self._pat.findall(text):
-            ids = cache.get(word)
-            if ids is None:
-                b = word.encode("utf-8")
-                r = ranks.get(b)
-                ids = (r,) if r is not None else tuple(ranks[p] for p in _byte_pair_merge(b, ranks))
-                if len(cache) >= self._cache_size:
-                    cache.clear()
-                cache[word] = ids
-            out.extend(ids)
-        return out
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts at once (``tiktoken``'s ``encode_ordinary_batch``; no specials)."""
+        texts = list(texts)
+        if self._nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
+        if num_threads <= 1:  # the batch API's thread pool only adds overhead on one thread
+            enc = self._enc.encode_ordinary
+            return [enc(t) for t in texts]
+        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        parts = []
-        for i in ids:
-            i = int(i)
-            b = self._decoder.get(i)
-            if b is None:
-                b = self._special_decoder.get(i)
-                if b is None:
-                    raise ValueError(f"{self.path}: id {i} is not in the vocabulary")
-            parts.append(b)
-        return b"".join(parts).decode("utf-8", errors="replace")
+        try:
+            return self._enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
+        except KeyError:
+            bad = next(int(i) for i in ids if not _decodes(self._enc, int(i)))
+            raise ValueError(f"{self.path}: id {bad} is not in the vocabulary") from None
 
 
-def _byte_pair_merge(piece: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
-    """tiktoken's merge: repeatedly join the leftmost adjacent pair with the lowest rank.
-
-    Pair ranks are kept in a list and only the neighbours of a merge are re-ranked, so each
-    step is one C-speed ``min`` + ``index`` (long CJK words are one pre-token).
-    """
-    parts = [piece[i:i + 1] for i in range(len(piece))]
-    get, inf = ranks.get, 1 << 62
-    pair = [get(parts[i] + parts[i + 1], inf) for i in range(len(parts) - 1)]
-    while pair:
-        best = min(pair)
-        if best == inf:
-            break
-        i = pair.index(best)
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        del pair[i]
-        if i < len(pair):
-            pair[i] = get(parts[i] + parts[i + 1], inf)
-        if i > 0:
-            pair[i - 1] = get(parts[i - 1] + parts[i], inf)
-    return parts
+def _decodes(enc, i: int) -> bool:
+    try:
+        enc.decode_single_token_bytes(i)
+        return True
+    except KeyError:
+        return False
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -652,14 +652,32 @@ class HFTokenizer(Tokenizer):
             self.eos_id = vocab_map.get("<|endoftext|>")
         self.pad_id = vocab_map.get(cfg["pad_token"]) if "pad_token" in cfg else None
         self.vocab_size = max(vocab_map.values()) + 1
+        # Whether transformers' tokenizer(text) prepends BOS: tokenizer_config's add_bos_token,
+        # else what tokenizer.json's post-processor adds (GPT-2 style vocab/merges: never).
+        add_bos = _tokenizer_config(folder).get("add_bos_token")
+        if isinstance(add_bos, bool):
+            self._add_bos = add_bos and self.bos_id is not None
+        elif self.bos_id is not None and self.path.endswith("tokenizer.json"):
+            probe = self._tok.encode("a", add_special_tokens=True).ids
+            self._add_bos = bool(probe) and probe[0] == self.bos_id
+        else:
+            self._add_bos = False
 
     def _encode_text(self, text: str, first: bool) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts at once (parallel inside ``tokenizers``; no specials parsed
-        unless the tokenizer.json marks them so)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts at once (``tokenizers``' ``encode_batch_fast``; no specials parsed
+        unless the tokenizer.json marks them so).
+
+        ``tokenizers`` sizes its own thread pool from ``TOKENIZERS_PARALLELISM`` /
+        ``RAYON_NUM_THREADS`` (read by the library, not here; ``num_threads`` cannot change it):
+        ``scripts/preprocess_data.py`` sets ``TOKENIZERS_PARALLELISM=false`` for its worker
+        processes so that each uses one core.
+        """
+        texts = list(texts)
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -683,6 +701,7 @@ class ByteTokenizer(Tokenizer):
         self.vocab_size = 256 + len(names)
         self.path = "<bytes>"
         self.family = "bytes"
+        self._add_bos = False  # no reference tokenizer: nothing is added by default
 
     def _encode_text(self, text: str, first: bool) -> list[int]:
         return list(text.encode("utf-8"))
@@ -708,7 +727,7 @@ _KINDS = ("auto", "sentencepiece", "tiktoken", "hf", "bytes")
 
 
 def load_tokenizer(path: str | Path | None, *, kind: str = "auto", family: str = "auto",
-                   vocab_size: int | None = None) -> Tokenizer:
+                   vocab_size: int | None = None, use_fast: bool = True) -> Tokenizer:
     """Load a tokenizer from a file or a model folder.
 
     Detection (``kind="auto"``): a folder is searched for ``tokenizer.json``,
@@ -730,6 +749,10 @@ def load_tokenizer(path: str | Path | None, *, kind: str = "auto", family: str =
             models a name of :data:`SP_FAMILIES`.
         vocab_size: the model's vocabulary size; if given, checked with
             :func:`check_vocab_size` (clear error on mismatch).
+        use_fast: in a folder, prefer ``tokenizer.json`` (Hugging Face's "fast" tokenizer, the
+            default) or, with ``False``, the model's own file (``tokenizer.model``,
+            ``*.tiktoken``, ``vocab.json`` + ``merges.txt``: what HF's slow tokenizer reads);
+            ``False`` with only a ``tokenizer.json`` raises.
 
     Returns:
         A :class:`Tokenizer`.
@@ -744,10 +767,28 @@ def load_tokenizer(path: str | Path | None, *, kind: str = "auto", family: str =
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"tokenizer path {p} does not exist")
+        if not use_fast and kind in ("auto", "hf"):
+            p = _slow_file(p)
         tok = _load_path(p, kind, family)
     if vocab_size is not None:
         check_vocab_size(tok, vocab_size)
     return tok
+
+
+def _slow_file(p: Path) -> Path:
+    """The file HF's slow tokenizer reads in ``p`` (a folder or file), refusing ``tokenizer.json``."""
+    if p.is_dir():
+        for c in [p / "tokenizer.model", *sorted(p.glob("*.tiktoken")), *sorted(p.glob("*.model"))]:
+            if c.exists():
+                return c
+        if (p / "vocab.json").exists() and (p / "merges.txt").exists():
+            return p / "vocab.json"
+        raise FileNotFoundError(f"{p}: no slow-tokenizer file (tokenizer.model, *.tiktoken, *.model, vocab.json + "
+                                "merges.txt) for use_fast=False; only a fast tokenizer.json is there")
+    if p.name == "tokenizer.json":
+        raise ValueError(f"{p}: use_fast=False asks for the slow tokenizer, but tokenizer.json is the fast one; "
+                         "give the folder or the model's own file")
+    return p
 
 
 def _load_path(p: Path, kind: str, family: str) -> Tokenizer:
