@@ -142,6 +142,8 @@ class ChatTemplate:
         return instruction + "\n" + inp
 
 
+_AQUILA_SYS = ("A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 _ALPACA_SYS = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.\n\n")
 _ALPACA_SYS_INPUT = ("Below is an instruction that describes a task, paired with an input that "
@@ -230,6 +232,14 @@ _TEMPLATE_LIST = [
                  user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
                  assistant="{content}<end_of_turn>", separator="\n",
                  specials=("<start_of_turn>", "<end_of_turn>")),
+    # Aquila / Aquila2 chat (FlagAI conversation.py): "aquila" is ADD_COLON_TWO with "###" / "</s>"
+    # separators, "aquila-v2" NO_COLON_TWO with <|startofpiece|> / <|endofpiece|> role markers.
+    ChatTemplate(name="aquila", system="{content}###", user="Human: {content}###Assistant:",
+                 assistant=" {content}{eos}", default_system=_AQUILA_SYS),
+    ChatTemplate(name="aquila-v2", system="{content}", user="<|startofpiece|>{content}<|endofpiece|>",
+                 assistant="{content}{eos}", default_system=_AQUILA_SYS + "\n\n",
+                 specials=("<|startofpiece|>", "<|endofpiece|>"),
+                 stop_markers=("<|startofpiece|>", "<|endofpiece|>")),
 ]
 # Read-only registry (no module-level mutable state).
 TEMPLATES: Mapping[str, ChatTemplate] = MappingProxyType({t.name: t for t in _TEMPLATE_LIST})
