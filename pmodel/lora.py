@@ -175,8 +175,21 @@ class LoRA(WeightWrapper):
         u = ops.linear(xa.to(dt), self.a, kernels=kernels, in_shard=in_shard)  # (..., r)
         return y + ops.linear(u * self.scale, self.b, kernels=kernels).to(y.dtype)  # (..., out)
 
+    def grouped_linear(self, xs: torch.Tensor, counts: torch.Tensor, *, kernels=None) -> torch.Tensor:
+        """LoRA on stacked expert weights (``base`` ``(E, out, in)``, ``a`` ``(E, r, in)``, ``b``
+        ``(E, out, r)``: one adapter per expert): ``ops.grouped_linear`` over rows grouped by
+        expert, ``xs_e W_eᵀ + scale · (xs_e A_eᵀ) B_eᵀ``, as grouped matmuls (no ``W + BA``)."""
+        from . import ops
+        if self.dropout and self.key != _EVAL and torch.is_grad_enabled():
+            raise ValueError("LoRA dropout on expert weights is not supported")
+        y = ops.grouped_linear(xs, self.base, counts, kernels=kernels)                      # (M, out)
+        dt = getattr(self.a, "dtype", xs.dtype)
+        u = ops.grouped_linear(xs.to(dt), self.a, counts, kernels=kernels)                  # (M, r)
+        return y + ops.grouped_linear(u * self.scale, self.b, counts, kernels=kernels).to(y.dtype)
+
     def merged(self) -> torch.Tensor:
-        """``W + scale · B A`` computed in fp32 and cast back to the base dtype ``[out, in]``."""
+        """``W + scale · B A`` computed in fp32 and cast back to the base dtype ``[out, in]``
+        (per expert for stacked expert weights: ``[E, out, in]``)."""
         w = self.base
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"cannot merge a LoRA whose base is {type(w).__name__}; gather it first")
@@ -235,16 +248,35 @@ class LoRASpec:
             raise ValueError(f"LoRASpec.dropout must be in [0, 1), got {self.dropout}")
 
 
+def _is_expert_weight(path: str, d) -> bool:
+    """A stacked expert weight ``(E, out, in)`` of an MoE layer (``layers.3.mlp.experts.gate_proj``)."""
+    return ".mlp.experts." in path and len(d.shape) == 3
+
+
+def _module_of(path: str, d) -> str | None:
+    """The module path a weight declaration adapts: ``...q_proj`` for ``...q_proj.weight``; a
+    stacked expert weight is its own module (``...experts.gate_proj``)."""
+    if _is_expert_weight(path, d):
+        return path
+    return path[: -len(".weight")] if path.endswith(".weight") else None
+
+
 def _linear_modules(defs) -> list[tuple[str, P]]:
-    """``(module_path, weight_decl)`` for every 2-D weight inside ``layers`` (the projections)."""
+    """``(module_path, weight_decl)`` for every projection inside ``layers``: the 2-D weights (not
+    an MoE router, which stays a plain tensor) and the stacked 3-D expert weights of MoE layers
+    (one adapter per expert)."""
     out = []
     for path, d in tree.paths(defs, is_leaf=lambda x: is_decl(x) or is_lora(x)):
-        if not path.startswith("layers.") or not path.endswith(".weight"):
+        if not path.startswith("layers."):
+            continue
+        inner = d.base if is_lora(d) else d
+        if not ((path.endswith(".weight") and len(inner.shape) == 2) or _is_expert_weight(path, inner)):
+            continue
+        if path.endswith(".mlp.router.weight"):
             continue
         if is_lora(d):
             raise ValueError(f"{path} already carries a LoRA adapter; apply lora() once")
-        if len(d.shape) == 2:
-            out.append((path[: -len(".weight")], d))
+        out.append((_module_of(path, d), d))
     return out
 
 
@@ -272,7 +304,8 @@ def resolve_targets(defs, targets: str | Iterable[str], *, family: str | None = 
     Args:
       defs: a model's declarations.
       targets: projection names (``"q_proj"``, ... or ``"all"`` / ``"all-linear"`` for the
-        seven), ModelLink names (``"query_key_value"``, ``"dense"``, ``"dense_h_to_4h"``,
+        seven; in an MoE model ``gate_proj`` / ``up_proj`` / ``down_proj`` are the stacked expert
+        weights, ``"experts"`` selects all three, and the router is never a target), ModelLink names (``"query_key_value"``, ``"dense"``, ``"dense_h_to_4h"``,
         ``"dense_4h_to_h"``), the family's own Hugging Face module names (with ``family``:
         ``"W_pack"``, ``"c_attn"``, ``"c_proj"``, ``"w1"``, ``"self_attention.dense"``, ... --
         a name, or a dotted suffix, of a checkpoint module, as PEFT's list ``target_modules``
@@ -290,7 +323,8 @@ def resolve_targets(defs, targets: str | Iterable[str], *, family: str | None = 
     hf_names = _family_module_names(family)
 
     def is_name(t: str) -> bool:
-        return t in PROJECTIONS or t in MODELLINK_NAMES or t in ("all", "all-linear") or t in hf_names
+        return (t in PROJECTIONS or t in MODELLINK_NAMES or t in ("all", "all-linear", "experts")
+                or t in hf_names)
 
     if isinstance(targets, str):
         parts = [t.strip() for t in targets.split(",") if t.strip()]
@@ -308,9 +342,14 @@ def resolve_targets(defs, targets: str | Iterable[str], *, family: str | None = 
         targets = parts
     names: set[str] = set()
     templates: set[str] = set()  # pmodel module templates selected through HF names
+    direct: set[str] = set()  # module paths selected as such
     for t in targets:
         if t in ("all", "all-linear"):
             names |= known
+        elif t == "experts":
+            direct |= {m for m, d in mods if _is_expert_weight(m, d)}
+            if not direct:
+                raise ValueError("LoRA target 'experts': the model has no mixture-of-experts layers")
         elif t in MODELLINK_NAMES:
             mapped = [n for n in MODELLINK_NAMES[t] if n in known]
             # GeLU MLPs have no gate: dense_h_to_4h is then up_proj alone.
@@ -331,7 +370,7 @@ def resolve_targets(defs, targets: str | Iterable[str], *, family: str | None = 
                              + (f"the {family} checkpoint module names {hf}, " if hf else "")
                              + "or a single regex string")
     from .families.tensors import _template
-    hit = [m for m, _ in mods if m.rsplit(".", 1)[-1] in names or _template(m)[0] in templates]
+    hit = [m for m, _ in mods if m.rsplit(".", 1)[-1] in names or _template(m)[0] in templates or m in direct]
     if not hit:
         raise ValueError(f"LoRA targets {sorted(names | templates)} match no linear module")
     return hit
@@ -372,13 +411,25 @@ def lora(model, rank: int, alpha: float, dropout: float = 0.0,
     def frozen(d: P) -> P:
         return d.replace(trainable=False)
 
+    experts = sorted(m for m in mods if m.rsplit(".", 2)[-2] == "experts")
+    if experts and float(dropout):
+        raise ValueError(f"lora: dropout {dropout} with adapters on expert weights ({experts[0]}, ...): LoRA dropout "
+                         "on experts is not supported (PEFT's ParamWrapper refuses it too); use dropout=0 or "
+                         "target the attention projections only")
+
     def adapt_decl(path: str, d: P):
-        mod = path[: -len(".weight")] if path.endswith(".weight") else None
+        mod = _module_of(path, d)
         if mod not in mods:
             return frozen(d)
+        dt = dtype or d.dtype
+        if len(d.shape) == 3:  # stacked experts (E, out, in): one (r, in) / (out, r) pair per expert
+            E, out_f, in_f = d.shape
+            ex_ax, out_ax, in_ax = d.axes
+            a = P(shape=(E, rank, in_f), axes=(ex_ax, "lora_rank", in_ax), init="kaiming_uniform", dtype=dt)
+            b = P(shape=(E, out_f, rank), axes=(ex_ax, out_ax, "lora_rank"), init="zeros", dtype=dt)
+            return LoRA(frozen(d).replace(key=d.key or path), a, b, scale, float(dropout))
         out_f, in_f = d.shape
         out_ax, in_ax = d.axes
-        dt = dtype or d.dtype
         a = P(shape=(rank, in_f), axes=("lora_rank", in_ax), init="kaiming_uniform", dtype=dt)
         b = P(shape=(out_f, rank), axes=(out_ax, "lora_rank"), init="zeros", dtype=dt)
         # the base keeps its original init key, so pmodel.init gives it the plain model's values
@@ -404,7 +455,7 @@ def spec_of(model_or_defs) -> LoRASpec:
     if len(ranks) > 1 or len(scales) > 1 or len(drops) > 1:
         raise ValueError(f"spec_of: adapters differ (ranks {ranks}, scales {scales}, dropouts {drops})")
     r, s = ranks.pop(), scales.pop()
-    mods = tuple(p[: -len(".weight")] for p, _ in nodes)
+    mods = tuple(p.removesuffix(".weight") for p, _ in nodes)
     return LoRASpec(rank=r, alpha=s * r, dropout=drops.pop(), rslora=False, modules=mods,
                     names=tuple(sorted({m.rsplit(".", 1)[-1] for m in mods})))
 

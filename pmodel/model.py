@@ -24,7 +24,8 @@ from .ops.weights import map_rows
 from .params import P
 
 __all__ = ["ModelConfig", "Model", "Context", "KVCache", "build", "decoder_defs", "counted_mask", "count_tokens",
-           "moe_losses", "moe_stats_zeros"]
+           "moe_losses", "moe_stats_zeros", "moe_loss_term", "moe_stats_flatten", "moe_stats_unflatten",
+           "MOE_STATS_KEYS"]
 
 _NORMS = ("rms", "layer")
 _POSITIONS = ("rope", "alibi", "learned", "none")
@@ -365,6 +366,10 @@ class Context:
     # (B, T) True = a real token (from attention_mask); None = every token. MoE router
     # statistics count only real tokens (padding is routed but not counted, as transformers).
     token_valid: torch.Tensor | None = None
+    # Sums one MoE layer's additive router statistics (a dict of tensors) over the ranks holding
+    # the other tokens of the same sequences (sequence parallel sets it, with token_valid cut to
+    # the local shard); None = all of the forward's tokens are here.
+    moe_stats_reduce: Callable | None = None
 
 
 def make_context(cfg: ModelConfig, tokens: torch.Tensor, *, position_ids=None, attention_mask=None,
@@ -510,9 +515,8 @@ def _moe(cfg: ModelConfig, p: dict, x: torch.Tensor, ctx: Context, kernels: Kern
     out = ops.moe_combine(ys, weights, routed, kernels=kernels).view(B, T, D)
     if "shared" in p:
         out = out + _mlp(cfg, p["shared"], x, kernels)
-    stats = ops.router_stats(logits, probs, experts, ctx.token_valid, k)
-    stats["dropped"] = routed.dropped.float().reshape(())
-    stats["pairs"] = probs.new_tensor(float(B * T * k))
+    extra = {"dropped": routed.dropped.float().reshape(()), "pairs": probs.new_tensor(float(B * T * k))}
+    stats = ops.router_stats(logits, probs, experts, ctx.token_valid, k, extra=extra, reduce=ctx.moe_stats_reduce)
     return out, stats
 
 
@@ -522,6 +526,51 @@ def moe_stats_zeros(cfg: ModelConfig, device=None) -> dict:
     z = torch.zeros((), device=device)
     return {"counts": torch.zeros(E, device=device), "prob_sum": torch.zeros(E, device=device), "tokens": z,
             "z_sum": z, "z_mean": z, "layer_lb": z, "layers": z, "dropped": z, "pairs": z}
+
+
+# The keys of the carry's statistics in a fixed order (a pipeline stage sends them as one flat
+# fp32 vector) and those that carry no gradient (counts, not functions of the parameters).
+MOE_STATS_KEYS = ("counts", "prob_sum", "tokens", "z_sum", "z_mean", "layer_lb", "layers", "dropped", "pairs")
+_MOE_STATS_DETACHED = ("counts", "tokens", "layers", "dropped", "pairs")
+
+
+def moe_stats_flatten(stats: dict) -> torch.Tensor:
+    """The statistics as one flat fp32 vector (``2E + 7`` entries, :data:`MOE_STATS_KEYS` order),
+    differentiable in the differentiable entries: what a pipeline stage sends with its activations."""
+    return torch.cat([stats[k].float().reshape(-1) for k in MOE_STATS_KEYS])
+
+
+def moe_stats_unflatten(cfg: ModelConfig, flat: torch.Tensor) -> dict:
+    """Inverse of :func:`moe_stats_flatten` (views; the count entries detached, as :func:`_moe`
+    produces them, so no gradient flows into them)."""
+    E = cfg.num_experts
+    sizes = [E if k in ("counts", "prob_sum") else 1 for k in MOE_STATS_KEYS]
+    out = {}
+    for k, part, n in zip(MOE_STATS_KEYS, flat.split(sizes), sizes):
+        part = part if n == E else part.reshape(())
+        out[k] = part.detach() if k in _MOE_STATS_DETACHED else part
+    return out
+
+
+def moe_stats_size(cfg: ModelConfig) -> int:
+    return 2 * cfg.num_experts + len(MOE_STATS_KEYS) - 2
+
+
+def moe_loss_term(cfg: ModelConfig, stats: dict, n, denom):
+    """The auxiliary part of a micro-batch's loss and its metrics (detached).
+
+    ``(extra, aux)``: ``extra = (n / denom) * (moe_aux_loss_coeff * lb + moe_z_loss_coeff * z)``
+    (None when both coefficients are 0), ``n`` the micro-batch's counted tokens and ``denom`` the
+    loss denominator (see :meth:`Model.loss`); ``aux`` the ``moe_*`` metrics."""
+    lb, z = moe_losses(cfg, stats)
+    share = n / denom
+    extra = None
+    if cfg.moe_aux_loss_coeff or cfg.moe_z_loss_coeff:
+        extra = share * (cfg.moe_aux_loss_coeff * lb + cfg.moe_z_loss_coeff * z)
+    aux = dict(moe_aux_loss=lb.detach(), moe_z_loss=z.detach(), moe_dropped=stats["dropped"].detach(),
+               moe_pairs=stats["pairs"].detach(), moe_expert_counts=stats["counts"].detach(),
+               moe_weight=torch.as_tensor(share).detach())
+    return extra, aux
 
 
 def moe_losses(cfg: ModelConfig, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -565,8 +614,8 @@ def build(cfg: ModelConfig, kernels: Kernels | None = None, *, family: str | Non
         # statistics travel with the activations through every layer runner (recompute, tensor
         # parallel), never through mutable state.
         if isinstance(carry, torch.Tensor):
-            raise TypeError("an MoE block takes the carry (h, router statistics) that Model.hidden_aux starts; "
-                            "a runner passing bare activations (pipeline stages) is not supported for MoE yet")
+            raise TypeError("an MoE block takes the carry (h, router statistics) that Model.hidden_aux (or a "
+                            "pipeline stage) starts, not bare activations")
         h, acc = carry
         kernels = ctx.kernels
         h = h + _attention(cfg, p["attn"], _norm(cfg, p["input_norm"], h, kernels), ctx, layer, kernels)
@@ -725,13 +774,8 @@ class Model:
         loss, per_token = self.head_loss(params, h, labels, weights, ctx)
         aux = {"num_tokens": n.detach(), "loss_sum": per_token.sum().detach(), "per_token": per_token}
         if stats is not None:
-            cfg = self.config
-            lb, z = moe_losses(cfg, stats)
-            share = n / denom
-            extra = cfg.moe_aux_loss_coeff * lb + cfg.moe_z_loss_coeff * z
-            if cfg.moe_aux_loss_coeff or cfg.moe_z_loss_coeff:
-                loss = loss + (share * extra).to(loss.dtype)
-            aux.update(moe_aux_loss=lb.detach(), moe_z_loss=z.detach(), moe_dropped=stats["dropped"].detach(),
-                       moe_pairs=stats["pairs"].detach(), moe_expert_counts=stats["counts"].detach(),
-                       moe_weight=torch.as_tensor(share).detach())
+            extra, moe_aux = moe_loss_term(self.config, stats, n, denom)
+            if extra is not None:
+                loss = loss + extra.to(loss.dtype)
+            aux.update(moe_aux)
         return loss, aux

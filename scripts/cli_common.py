@@ -43,12 +43,16 @@ FLAGS = {
     "fused_rotary": "--use-fused-rotary-pos-emb", "mc2": "--use-mc2", "flash_attn": "--use-flash-attn",
     "fused_rmsnorm": "--use-fused-rmsnorm",
     "tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+    "ep": "--expert-model-parallel-size", "grouped_gemm": "--moe-grouped-gemm",
+    "num_experts": "--num-experts", "moe_top_k": "--moe-router-topk",
+    "moe_capacity_factor": "--moe-expert-capacity-factor", "moe_drop_policy": "--moe-token-drop-policy",
+    "moe_aux_loss_coeff": "--moe-aux-loss-coeff", "moe_z_loss_coeff": "--moe-z-loss-coeff",
 }
 
 
 def flag_message(msg: str) -> str:
     """A library message with argument names (``high_availability``, ``tp=2``) shown as flags."""
-    msg = re.sub(r"\b(tp|pp)=(\d+)", lambda m: f"{FLAGS[m.group(1)]} {m.group(2)}", msg)
+    msg = re.sub(r"\b(tp|pp|ep)=(\d+)", lambda m: f"{FLAGS[m.group(1)]} {m.group(2)}", msg)
     msg = msg.replace("ModelConfig.pad_vocab_to", "--make-vocab-size-divisible-by")
     return re.sub(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")\b(?=[ =)]|$)",
                   lambda m: FLAGS[m.group(1)], msg)
@@ -64,6 +68,9 @@ def add_tokenizer_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_TYPES))
     g.add_argument("--tokenizer-name-or-path", help="folder holding the tokenizer files (an HF model folder)")
     g.add_argument("--tokenizer-model", help="tokenizer file (.model, .tiktoken, tokenizer.json)")
+    if "--tokenizer-not-use-fast" not in ap._option_string_actions:  # the inference CLIs add their own
+        g.add_argument("--tokenizer-not-use-fast", action="store_true",
+                       help="Hugging Face tokenizers: the slow (Python) implementation instead of the fast one")
 
 
 def add_batch_flags(ap, *, micro_default=None) -> None:
@@ -77,6 +84,9 @@ def add_optimizer_flags(ap, *, lr_default=None, decay_style="linear", weight_dec
     g.add_argument("--lr", type=float, required=lr_default is None, default=lr_default)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float,
+                   help="warmup length as a fraction of the decay length (Megatron: fraction x --lr-decay-iters, "
+                        "not rounded); exclusive with --lr-warmup-iters")
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
     g.add_argument("--lr-decay-style", default=decay_style, choices=optim.STYLES)
     g.add_argument("--weight-decay", type=float, default=weight_decay)
@@ -124,7 +134,17 @@ def add_parallel_flags(ap) -> None:
                    help="layers per model chunk: the interleaved schedule's virtual stages")
     g.add_argument("--pipeline-schedule", choices=("1f1b", "interleaved", "zero-bubble"),
                    help="default: interleaved with virtual stages, else 1f1b")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="expert parallelism: the MoE experts split over this many ranks (the mesh's ep dimension; "
+                        "world = tp x ep x dp x pp, the ep ranks read different micro-batches as Megatron's "
+                        "expert-data-parallel ranks do)")
+    g.add_argument("--device", help="cpu, cuda or npu (under torchrun: the LOCAL_RANK-th device); default: from "
+                                    "--distributed-backend (nccl: cuda, or npu where torch_npu maps nccl to hccl; "
+                                    "hccl: npu; gloo: cpu), else cpu")
+    g.add_argument("--distributed-backend", choices=("gloo", "nccl", "hccl"),
+                   help="torch.distributed backend of the process groups (default: the device's: gloo / nccl / hccl)")
+    g.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="set by torch.distributed.launch (the LOCAL_RANK environment variable wins)")
     g.add_argument("--distributed-timeout-minutes", type=float,
                    help="collective timeout of every process group (default: torch's, 30 minutes on gloo): a peer "
                         "that stops answering makes a collective fail after this long")
@@ -142,6 +162,80 @@ def add_kernel_flags(ap) -> None:
     g.add_argument("--use-fused-rotary-pos-emb", action="store_true")
     g.add_argument("--use-mc2", action="store_true", help="NPU: fused all-gather+matmul / matmul+reduce-scatter "
                                                            "for sequence-parallel linears")
+
+
+def add_megatron_flags(ap) -> None:
+    """Megatron switches of kernels and numerics that pmodel honours by construction (a documented
+    note in the log) or refuses when they would change results (dropout)."""
+    g = ap.add_argument_group("Megatron switches (docs/modellink.md: what each maps to)")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="every attention path here takes the softmax in fp32 already (noted in the log)")
+    g.add_argument("--no-masked-softmax-fusion", action="store_true",
+                   help="Megatron's fused scale-mask-softmax kernel does not exist here (noted in the log)")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="weight gradients are always computed in the parameter dtype, then accumulated (what this "
+                        "flag asks; noted in the log)")
+    g.add_argument("--jit-compile", action="store_true",
+                   help="NPU: torch_npu.npu.set_compile_mode(jit_compile=True) (operator compilation; same "
+                        "numerics); elsewhere noted in the log")
+    g.add_argument("--hidden-dropout", type=float, help="only 0 (pmodel's decoder has no dropout; Megatron's "
+                                                        "default 0.1 is refused when asked for)")
+    g.add_argument("--attention-dropout", type=float, help="only 0 (as --hidden-dropout)")
+
+
+def add_moe_flags(ap, *, architecture: bool = True) -> None:
+    """Megatron / ModelLink mixture-of-experts flags -> the ModelConfig MoE fields (docs/moe.md)."""
+    g = ap.add_argument_group("mixture of experts (Megatron names; docs/moe.md)")
+    g.add_argument("--num-experts", type=int, help="experts per layer (ModelConfig.num_experts; " +
+                   ("replaces every dense MLP)" if architecture else "must equal the checkpoint's)"))
+    g.add_argument("--moe-router-topk", type=int, help="experts per token (ModelConfig.moe_top_k; default 2)")
+    g.add_argument("--moe-aux-loss-coeff", type=float,
+                   help="Megatron's per-layer load-balancing loss (switch form, E/k sum f_e P_e, summed over layers) "
+                        "with this weight")
+    g.add_argument("--moe-z-loss-coeff", type=float, help="router z-loss weight")
+    g.add_argument("--moe-expert-capacity-factor", type=float,
+                   help="each expert keeps at most ceil(tokens x k / E x factor) token-expert pairs (default: "
+                        "dropless)")
+    g.add_argument("--moe-token-drop-policy", choices=("probs", "position"),
+                   help="with a capacity: keep the highest router weights (probs, default) or the earliest tokens")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="Megatron pads each expert's rows to the capacity (static shapes, padding discarded): the "
+                        "same numbers; needs --moe-expert-capacity-factor (noted in the log)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="the grouped-matmul MoE kernels (pmodel.ops.kernels_for(grouped_gemm=True)); refused where "
+                        "the device's backend has none")
+
+
+def moe_overrides(args) -> dict:
+    """The ModelConfig MoE fields the MoE flags set (only those given)."""
+    out = {}
+    for flag, field in (("num_experts", "num_experts"), ("moe_router_topk", "moe_top_k"),
+                        ("moe_aux_loss_coeff", "moe_aux_loss_coeff"), ("moe_z_loss_coeff", "moe_z_loss_coeff"),
+                        ("moe_expert_capacity_factor", "moe_capacity_factor"),
+                        ("moe_token_drop_policy", "moe_drop_policy")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[field] = v
+    if getattr(args, "moe_aux_loss_coeff", None) is not None:
+        out["moe_aux_loss_type"] = "per_layer"  # Megatron's switch_load_balancing_loss_func, per layer
+    return out
+
+
+def validate_moe(args, prog: str) -> None:
+    no = lambda m: refuse(prog, m)  # noqa: E731
+    moe_given = [f for f in ("moe_router_topk", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor",
+                             "moe_token_drop_policy") if getattr(args, f, None) is not None]
+    if args.num_experts is not None and args.num_experts < 1:
+        no(f"--num-experts must be >= 1, got {args.num_experts}")
+    if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
+        no("--moe-pad-expert-input-to-capacity pads to the capacity of --moe-expert-capacity-factor; without it "
+           "routing is dropless and there is no capacity to pad to")
+    if args.moe_token_drop_policy is not None and args.moe_expert_capacity_factor is None:
+        no("--moe-token-drop-policy chooses which pairs a full expert drops: it needs --moe-expert-capacity-factor "
+           "(without it routing is dropless)")
+    if args.expert_model_parallel_size < 1:
+        no(f"--expert-model-parallel-size must be >= 1, got {args.expert_model_parallel_size}")
+    return moe_given
 
 
 def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
@@ -162,7 +256,8 @@ def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
                        help="--load the parameters only and start at iteration 0 (no optimizer, RNG, position)")
     g.add_argument("--log-interval", type=int, default=log_interval)
     g.add_argument("--eval-interval", type=int)
-    g.add_argument("--eval-iters", type=int, help="batches per evaluation (needs --eval-interval; default 100)")
+    g.add_argument("--eval-iters", type=int, help="batches per evaluation (needs --eval-interval; default 100; "
+                                                  "0 = no evaluation, as Megatron)")
     g.add_argument("--metrics-file", help="JSON-lines metrics (default: <save>/metrics.jsonl when --save)")
     g.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, to report MFU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -256,13 +351,16 @@ def validate_common(args, prog: str) -> None:
     """Refuse shared flag combinations that could not take effect."""
     def no(msg):
         refuse(prog, msg)
+    notes = args.__dict__.setdefault("notes", [])
     if args.bf16 and args.fp16:
         no("--bf16 and --fp16 are exclusive")
     for flag in ("micro_batch_size", "global_batch_size", "log_interval", "train_iters", "save_interval",
                  "eval_interval", "eval_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
         v = getattr(args, flag, None)
-        if v is not None and v < (0 if flag == "train_iters" else 1):
-            no(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+        lo = 0 if flag in ("train_iters", "eval_iters") else 1
+        if v is not None and v < lo:
+            no(f"--{flag.replace('_', '-')} must be >= {lo}, got {v}")
+    validate_megatron(args, prog, notes)
     if args.global_batch_size and args.micro_batch_size and args.global_batch_size % args.micro_batch_size:
         no(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
            f"{args.micro_batch_size}")
@@ -277,11 +375,21 @@ def validate_common(args, prog: str) -> None:
         no(f"--lr-decay-iters: --lr-decay-style {args.lr_decay_style} has no decay length (only linear and cosine do)")
     if args.lr_decay_style == "constant" and args.min_lr != 0.0:
         no("--min-lr is the floor of a decaying schedule; --lr-decay-style constant never uses it")
-    if args.lr_decay_style in ("linear", "cosine") and (args.lr_decay_iters or args.train_iters) <= args.lr_warmup_iters:
+    if args.lr_decay_style in ("linear", "cosine") and args.lr_warmup_fraction is None and \
+            (args.lr_decay_iters or args.train_iters) <= args.lr_warmup_iters:
         no(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length "
            f"{args.lr_decay_iters or args.train_iters} for --lr-decay-style {args.lr_decay_style}")
     if (args.initial_loss_scale is not None or args.loss_scale_window is not None) and not args.fp16:
-        no("--initial-loss-scale / --loss-scale-window need --fp16 (bf16 and fp32 train without loss scaling)")
+        if not args.bf16:
+            no("--initial-loss-scale / --loss-scale-window need --fp16 (bf16 and fp32 train without loss scaling)")
+        given = " ".join(f for f, v in (("--initial-loss-scale", args.initial_loss_scale),
+                                        ("--loss-scale-window", args.loss_scale_window)) if v is not None)
+        notes.append(f"{given}: --bf16 trains without loss scaling (as Megatron, which reads it for --fp16 only)")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            no("--lr-warmup-fraction and --lr-warmup-iters both set the warmup; give one (Megatron asserts the same)")
+        if not 0.0 <= args.lr_warmup_fraction < 1.0:
+            no(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
     if args.accumulate_allreduce_grads_in_fp32 and not (args.bf16 or args.fp16):
         no("--accumulate-allreduce-grads-in-fp32 needs --bf16 or --fp16 (fp32 gradients already are fp32)")
     if getattr(args, "save_interval", None) is not None and not args.save:
@@ -297,7 +405,14 @@ def validate_common(args, prog: str) -> None:
     if args.tokenizer_type and not tok and TOKENIZER_TYPES[args.tokenizer_type] != "bytes":
         no(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-name-or-path or --tokenizer-model")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        no("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the sequence over the TP group)")
+        # Megatron (arguments.py) switches sequence parallelism off at TP 1, where it would shard over a
+        # group of one rank: the same numbers. ModelLink's TP1 x PP2 script passes it.
+        args.sequence_parallel = False
+        notes.append("--sequence-parallel: off at --tensor-model-parallel-size 1 (as Megatron: the TP group has one "
+                     "rank, nothing to shard)")
+    if args.use_mc2 and not args.sequence_parallel:
+        no("--use-mc2 fuses the sequence-parallel all-gather / reduce-scatter with the matmuls: it needs "
+           "--sequence-parallel at --tensor-model-parallel-size > 1")
     if args.enable_high_availability and not args.use_distributed_optimizer:
         no("--enable-high-availability (replica optimizer) needs --use-distributed-optimizer")
     if args.distributed_timeout_minutes is not None and not args.distributed_timeout_minutes > 0:
@@ -344,12 +459,86 @@ def validate_common(args, prog: str) -> None:
     if args.pipeline_schedule in ("1f1b", "zero-bubble") and v is not None:
         no(f"--num-layers-per-virtual-pipeline-stage makes virtual stages, which only the interleaved schedule "
            f"runs; --pipeline-schedule {args.pipeline_schedule} would ignore them")
-    validate_profile(args, prog, torch.device(args.device).type, world_size())
-    parallel = (args.tensor_model_parallel_size > 1 or pp > 1 or args.use_distributed_optimizer
-                or args.overlap_grad_reduce)
-    if parallel and world_size() == 1 and (args.tensor_model_parallel_size > 1 or pp > 1 or args.overlap_grad_reduce):
+    validate_profile(args, prog, device_of(args, prog).type, world_size())
+    ep = args.expert_model_parallel_size
+    if world_size() == 1 and (args.tensor_model_parallel_size > 1 or pp > 1 or args.overlap_grad_reduce or ep > 1):
         no("tensor / pipeline / data parallel flags need one process per rank: launch with torchrun, e.g. "
            f"python -m torch.distributed.run --nproc-per-node 2 {prog} ...")
+
+
+def validate_megatron(args, prog: str, notes: list) -> None:
+    """The Megatron switches of :func:`add_megatron_flags` and the launcher / backend flags."""
+    def no(msg):
+        refuse(prog, msg)
+    for flag in ("hidden_dropout", "attention_dropout"):
+        v = getattr(args, flag, None)
+        if v is not None and v != 0.0:
+            no(f"--{flag.replace('_', '-')} {v}: pmodel's decoder has no dropout (only 0 is accepted); training with "
+               "it would change the results")
+    if getattr(args, "attention_softmax_in_fp32", False):
+        notes.append("--attention-softmax-in-fp32: every attention path here (reference, SDPA / flash, NPU fusion "
+                     "attention) takes the softmax in fp32 already")
+    if getattr(args, "no_masked_softmax_fusion", False):
+        notes.append("--no-masked-softmax-fusion: pmodel has no Megatron scale-mask-softmax kernel; attention runs "
+                     "as --use-flash-attn says")
+    if getattr(args, "no_gradient_accumulation_fusion", False):
+        notes.append("--no-gradient-accumulation-fusion: pmodel has no fused weight-gradient accumulation kernel; "
+                     "weight gradients are computed in the parameter dtype, then accumulated (fp32 buffers with "
+                     "--accumulate-allreduce-grads-in-fp32), which is what this flag asks for")
+    if getattr(args, "jit_compile", False) and device_of(args, prog).type != "npu":
+        notes.append("--jit-compile: torch_npu's operator compile mode, an NPU setting; nothing to switch on "
+                     f"{device_of(args, prog).type}")
+    if args.tokenizer_not_use_fast and args.tokenizer_type == "ByteTokenizer":
+        no("--tokenizer-not-use-fast: ByteTokenizer has no fast / slow variants")
+    if world_size() == 1 and args.distributed_backend is not None:
+        notes.append(f"--distributed-backend {args.distributed_backend}: one process, no process group to create")
+    if hasattr(args, "num_experts"):
+        validate_moe(args, prog)
+
+
+def device_of(args, prog: str) -> torch.device:
+    """The device of the flags: --device, else the one --distributed-backend implies (ModelLink's
+    scripts name only the backend), else cpu. A backend that cannot serve the device is refused."""
+    import importlib.util
+    backend, dev = getattr(args, "distributed_backend", None), getattr(args, "device", None)
+    npu_here = importlib.util.find_spec("torch_npu") is not None
+    if dev is None:
+        if backend == "nccl":
+            if torch.cuda.is_available():
+                dev = "cuda"
+            elif npu_here:
+                dev = "npu"  # torch_npu maps the nccl backend to hccl (what ModelLink's scripts rely on)
+            else:
+                refuse(prog, "--distributed-backend nccl: no CUDA device (nor torch_npu) here; on CPU use "
+                             "--distributed-backend gloo")
+        elif backend == "hccl":
+            dev = "npu"
+        else:
+            dev = "cpu"
+    d = torch.device(dev)
+    ok = {"gloo": ("cpu",), "nccl": ("cuda", "npu"), "hccl": ("npu",)}
+    if backend is not None and d.type not in ok[backend]:
+        refuse(prog, f"--distributed-backend {backend} cannot run --device {d.type} tensors (it serves "
+                     f"{' / '.join(ok[backend])}); use --distributed-backend "
+                     f"{ {'cpu': 'gloo', 'cuda': 'nccl', 'npu': 'hccl'}.get(d.type, 'gloo') }")
+    return d
+
+
+def backend_of(args, device: torch.device) -> str | None:
+    """The process-group backend (nccl on an NPU means hccl, as torch_npu maps it)."""
+    b = getattr(args, "distributed_backend", None)
+    if b == "nccl" and device.type == "npu":
+        return "hccl"
+    return b
+
+
+def say_notes(args, launch) -> None:
+    """Each documented no-op once, on the lead rank."""
+    said = launch.__dict__.setdefault("notes_said", set())  # on the launch: args may be dumped as JSON
+    for n in dict.fromkeys(args.__dict__.get("notes", [])):
+        if n not in said:
+            said.add(n)
+            launch.say(f"note: {n}")
 
 
 def world_size() -> int:
@@ -357,13 +546,13 @@ def world_size() -> int:
 
 
 # ----------------------------------------------------------------------------- builders
-def load_tokenizer(args, *, default=None, vocab_size=None):
+def load_tokenizer(args, *, default=None, vocab_size=None, slow: bool = False):
     """The tokenizer named by the flags (or ``default``, e.g. the HF checkpoint folder), or None."""
     path = args.tokenizer_model or args.tokenizer_name_or_path or default
     if path is None and args.tokenizer_type != "ByteTokenizer":
         return None
     kind = TOKENIZER_TYPES[args.tokenizer_type] if args.tokenizer_type else "auto"
-    return pmodel.data.load_tokenizer(path, kind=kind, vocab_size=vocab_size)
+    return pmodel.data.load_tokenizer(path, kind=kind, vocab_size=vocab_size, use_fast=not slow)
 
 
 def dtype_of(args) -> torch.dtype:
@@ -389,7 +578,10 @@ def policy_of(args, dtype: torch.dtype | None = None) -> Policy:
 def optimizer_of(args) -> tuple:
     """``(tx, max_grad_norm)``: AdamW on Megatron's schedule; the clip goes to the plan."""
     decay = args.lr_decay_iters or args.train_iters
-    sched = optim.megatron(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
+    warmup = args.lr_warmup_iters
+    if getattr(args, "lr_warmup_fraction", None) is not None:
+        warmup = args.lr_warmup_fraction * decay  # Megatron: not rounded
+    sched = optim.megatron(lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup,
                            decay_steps=decay if args.lr_decay_style in ("linear", "cosine") else None,
                            style=args.lr_decay_style)
     tx = optim.adamw(sched, args.adam_beta1, args.adam_beta2, args.adam_eps, args.weight_decay)
@@ -401,7 +593,7 @@ def kernels_of(args, device: torch.device, prog: str):
     # A flag left out means "the backend's default" (fused where it has the kernel; MC2 off).
     asked = {"flash_attn": args.use_flash_attn or None, "fused_rmsnorm": args.use_fused_rmsnorm or None,
              "fused_swiglu": args.use_fused_swiglu or None, "fused_rotary": args.use_fused_rotary_pos_emb or None,
-             "mc2": args.use_mc2 or None}
+             "mc2": args.use_mc2 or None, "grouped_gemm": getattr(args, "moe_grouped_gemm", False) or None}
     try:
         return pmodel.ops.kernels_for(backend=device.type, **asked)
     except ValueError as e:
@@ -414,7 +606,7 @@ class Launch:
     def __init__(self, args, prog: str):
         self.rank, self.world = int(os.environ.get("RANK", "0")), world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", args.__dict__.get("local_rank") or 0))
-        dev = torch.device(args.device)
+        dev = device_of(args, prog)
         if dev.type != "cpu" and dev.index is None:
             dev = torch.device(dev.type, self.local_rank)
         self.device = dev
@@ -422,8 +614,13 @@ class Launch:
         self.mesh = None
         minutes = getattr(args, "distributed_timeout_minutes", None)
         self.timeout_s = minutes * 60.0 if minutes is not None else None
+        self.backend = backend_of(args, dev)
         if getattr(args, "use_deter_comp", False):
             self.deterministic(args.seed)
+        if getattr(args, "jit_compile", False) and dev.type == "npu":
+            import torch_npu  # noqa: F401  (an NPU run imports it anyway)
+            torch.npu.set_compile_mode(jit_compile=True)
+        say_notes(args, self)
 
     def deterministic(self, seed: int) -> None:
         """--use-deter-comp: the environment the device libraries read when they start (set here,
@@ -448,16 +645,24 @@ class Launch:
     def layout(self, args, cfg) -> dict:
         """Sizes from the flags, checked against the world size and the model before any group exists."""
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        ep = getattr(args, "expert_model_parallel_size", 1)
         no = lambda m: refuse(self.prog, m)  # noqa: E731
-        if self.world % (tp * pp):
-            no(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp} does not divide "
-               f"the world size {self.world}")
-        dp = self.world // (tp * pp)
-        gbs = args.global_batch_size or args.micro_batch_size * dp
-        if gbs % (args.micro_batch_size * dp):
+        if ep > 1 and not cfg.num_experts:
+            no(f"--expert-model-parallel-size {ep} splits the experts of a mixture-of-experts model; this model is "
+               "dense (give --num-experts)")
+        if self.world % (tp * pp * ep):
+            no(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
+               + (f" x --expert-model-parallel-size {ep}" if ep > 1 else "")
+               + f" = {tp * pp * ep} does not divide the world size {self.world}")
+        dp = self.world // (tp * pp * ep)
+        # The ep ranks read different micro-batches (Megatron's expert-data-parallel ranks are data-
+        # parallel ranks): the data is split over dp x ep.
+        nd = dp * ep
+        gbs = args.global_batch_size or args.micro_batch_size * nd
+        if gbs % (args.micro_batch_size * nd):
             no(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {args.micro_batch_size} x "
-               f"data-parallel size {dp}")
-        k = gbs // (args.micro_batch_size * dp)
+               f"data-parallel size {dp}" + (f" x --expert-model-parallel-size {ep}" if ep > 1 else ""))
+        k = gbs // (args.micro_batch_size * nd)
         V, nl = 1, args.num_layers_per_virtual_pipeline_stage
         if nl is not None:
             if cfg.num_layers % (pp * nl):
@@ -476,7 +681,7 @@ class Launch:
         if lps is not None and len(lps) != pp:
             no(f"--num-layer-list {args.num_layer_list} has {len(lps)} entries; expected one per pipeline stage "
                f"(--pipeline-model-parallel-size {pp})")
-        lay = {"tp": tp, "pp": pp, "dp": dp, "global_batch": gbs, "microbatches": k, "schedule": schedule,
+        lay = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "global_batch": gbs, "microbatches": k, "schedule": schedule,
                "virtual_stages": V, "layers_per_stage": lps}
         # The library's own rules, checked on every rank before any process group exists.
         from pmodel.parallel.plan import layout_problems
@@ -511,8 +716,9 @@ class Launch:
                 # of this attempt, or a restarted job finds the previous attempt's gloo addresses.
                 import torch.distributed as dist
                 kw["store"] = dist.PrefixStore(f"pmodel/{self.attempt}", self._agent_store())
-            init_distributed(rank=self.rank, world_size=self.world, device_type=self.device.type, **kw)
-            self.mesh = Mesh.build(tp=lay["tp"], pp=lay["pp"], timeout_s=timeout)
+            init_distributed(rank=self.rank, world_size=self.world, device_type=self.device.type,
+                             backend=self.backend, **kw)
+            self.mesh = Mesh.build(tp=lay["tp"], pp=lay["pp"], ep=lay.get("ep", 1), timeout_s=timeout)
         return self.mesh
 
     @property
@@ -612,8 +818,11 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
     resilience = resilience_of(args, launch, plan, ckpt_save)
     metrics = args.metrics_file or (str(Path(args.save) / "metrics.jsonl") if getattr(args, "save", None) else None)
     eval_iters = 100 if args.eval_iters is None else args.eval_iters
-    loop = LoopConfig(train_iters=args.train_iters, log_interval=args.log_interval, eval_interval=args.eval_interval,
-                      eval_iters=eval_iters, save_interval=args.save_interval, metrics_path=metrics,
+    if eval_iters == 0:
+        eval_data = None  # Megatron: --eval-iters 0 evaluates nothing
+    loop = LoopConfig(train_iters=args.train_iters, log_interval=args.log_interval,
+                      eval_interval=args.eval_interval if eval_data is not None else None,
+                      eval_iters=eval_iters or 1, save_interval=args.save_interval, metrics_path=metrics,
                       progress=not args.no_progress, peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
                       world_size=launch.world)
     return train(plan.step, params, opt_state, train_data, loop=loop,
@@ -659,8 +868,11 @@ def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_
     mesh = launch.mesh
 
     def data(start):
+        # data ranks: dp x ep (expert-parallel ranks see different tokens), numbered ep fastest
+        ep = mesh.size("ep")
         it = MicroBatchLoader(dataset, micro_batch_size=args.micro_batch_size, num_micro_batches=lay["microbatches"],
-                              start=start, dp_rank=mesh.rank("dp"), dp_size=mesh.size("dp"), collator=collator,
+                              start=start, dp_rank=mesh.rank("ep") + ep * mesh.rank("dp"), dp_size=ep * mesh.size("dp"),
+                              collator=collator,
                               num_samples=num_samples)
         return ([to_batch(mb) for mb in micros] for micros in it)
     return data

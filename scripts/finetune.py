@@ -66,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "merge", "-h", "--help"):
         argv = ["train"] + argv  # `finetune.py --flags` means train, as in ModelLink
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -91,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_precision_flags(t)
     cli.add_parallel_flags(t)
     cli.add_kernel_flags(t)
+    cli.add_megatron_flags(t)
+    cli.add_moe_flags(t, architecture=False)
     cli.add_loop_flags(t, log_interval=1, checkpoints=False)
     cli.add_profile_flags(t)
     g = t.add_argument_group("output")
@@ -109,9 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_common(m)
     m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="dtype (default: the checkpoint's)")
     m.add_argument("--lora-load", required=True, help="PEFT adapter folder")
-    args = p.parse_args(argv)
-    _check(p, args)
-    return args
+    return p
 
 
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -173,7 +180,8 @@ def load_examples(args, model) -> tuple[object, dict]:
                              f"than --seq-length {args.seq_length}; pass --seq-length {int(per_doc.max())} or "
                              f"re-run preprocess_data.py with --seq-length {args.seq_length}")
         return ds, {"source": "preprocessed", "examples": len(ds)}
-    tok = cli.load_tokenizer(args, default=args.load_hf, vocab_size=model.config.vocab_size)
+    tok = cli.load_tokenizer(args, default=args.load_hf, vocab_size=model.config.vocab_size,
+                             slow=args.tokenizer_not_use_fast)
     template = args.prompt_type or pmodel.families.get(model.family).chat_template
     map_keys = json.loads(args.map_keys) if args.map_keys else {}
     try:
@@ -212,6 +220,7 @@ def build(args):
     """``(model, params, is_lora)`` for the train command (full params, single-process layout)."""
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     model, params = pmodel.load_hf(args.load_hf, dtype=dtype)
+    model = _apply_moe_flags(args, model)
     if args.lora_load is not None:
         # rank, alpha, dropout and targets come from the adapter's config
         model, params = peft_io.load_adapter(model, params, args.lora_load)
@@ -223,6 +232,28 @@ def build(args):
                        args.lora_dropout or 0.0, targets)
         return model, L.adapt(model, params, seed=args.seed), True
     return model, params, False
+
+
+def _apply_moe_flags(args, model):
+    """The MoE flags on the checkpoint's model: --num-experts / --moe-router-topk must agree with it
+    (they are its architecture); the router losses and the capacity are training settings."""
+    import dataclasses
+    cfg = model.config
+    over = cli.moe_overrides(args)
+    if not over:
+        return model
+    bad = [f"{cli.FLAGS[k]} {over[k]} (checkpoint: {getattr(cfg, k)})" for k in ("num_experts", "moe_top_k")
+           if k in over and over[k] != getattr(cfg, k)]
+    if bad:
+        cli.refuse(PROG, f"{', '.join(bad)}: the number of experts and the router's top-k are the checkpoint's "
+                         f"architecture ({args.load_hf})")
+    if not cfg.num_experts:
+        cli.refuse(PROG, f"{' '.join(cli.FLAGS[k] for k in over if k in cli.FLAGS)}: {args.load_hf} is a dense model "
+                         "(no experts)")
+    try:
+        return model.replace(config=dataclasses.replace(cfg, **over))
+    except (TypeError, ValueError) as e:
+        cli.refuse(PROG, cli.flag_message(str(e)))
 
 
 def save(args, model, params, is_lora: bool, out: Path) -> None:
@@ -271,7 +302,8 @@ def train(args) -> None:
         train_data = cli.loader(_Cycle(dataset), args, launch, lay, collator, to_batch)
         mesh = launch.mesh
         eval_set = [dataset.sample(i) for i in range(min(args.eval_samples, len(dataset)))]
-        mine = eval_set[mesh.rank("dp")::mesh.size("dp")]  # each data-parallel rank scores its share
+        ep = mesh.size("ep")  # each data rank (dp x ep) scores its share
+        mine = eval_set[mesh.rank("ep") + ep * mesh.rank("dp")::ep * mesh.size("dp")]
 
         def eval_batches():
             return [[to_batch(collate(mine[i:i + 8], collator))] for i in range(0, len(mine), 8)]
@@ -289,7 +321,8 @@ def train(args) -> None:
             return out / f"iter_{st.step:07d}"
         metrics_save, args.save = args.save, None  # --save is the output folder, not a checkpoint root
         params, opt_state, state, _ = cli.run(args, launch, plan, params, opt_state, train_data, config=cfg,
-                                              extra={"args": vars(args)}, save=snapshot if args.save_interval else None)
+                                              extra={"args": {k: v for k, v in vars(args).items()
+                                                              if k != "notes"}}, save=snapshot if args.save_interval else None)
         args.save = metrics_save
         if eval_set:
             launch.say(json.dumps({"eval": "after", "iter": state.step,

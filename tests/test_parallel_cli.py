@@ -84,7 +84,6 @@ def test_pretrain_torchrun_matches_single_process(tmp_path):
 
 
 @pytest.mark.parametrize("flags, env, message", [
-    (["--sequence-parallel"], {}, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--enable-high-availability"], {}, "needs --use-distributed-optimizer"),
     (["--tensor-model-parallel-size", "2"], {}, "launch with torchrun"),
     (["--tensor-model-parallel-size", "0"], {}, "must be >= 1"),

@@ -58,3 +58,31 @@ def test_flags_error_with_reason():
         parallelize(model, None, mesh, high_availability=True)
     with pytest.raises(ValueError, match="overlap_grad_reduce needs data-parallel size > 1"):
         parallelize(model, None, mesh, overlap_grad_reduce=True)
+
+
+def test_memory_estimate_counts_experts_over_ep():
+    """Experts / ep, the router and dense parts whole on every ep rank: the estimate's per-rank
+    parameter count equals the leaves each rank of the layout holds (computed offline by
+    ``rank_specs``, the busiest rank), and the Mixtral-8x7B numbers by hand."""
+    import math
+    from pmodel.parallel.memory import params_per_rank
+    from pmodel.parallel.plan import rank_specs
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=24,
+                      num_experts=4, moe_top_k=2, moe_shared_expert_ffn=16)
+    for sizes in ({"ep": 2}, {"ep": 4}, {"ep": 2, "tp": 2}, {"ep": 2, "pp": 2}, {"ep": 2, "tp": 2, "pp": 2}, {"tp": 4}):
+        held = max(sum(math.prod(b - a for a, b in spec[2]) for spec in rank.values())
+                   for rank in rank_specs(build(cfg), sizes))
+        got = params_per_rank(cfg, tp=sizes.get("tp", 1), pp=sizes.get("pp", 1), ep=sizes.get("ep", 1))
+        assert got == held, (sizes, got, held)
+    mixtral = ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                          ffn_hidden_size=14336, rope_theta=1e6, num_experts=8, moe_top_k=2)
+    experts = 32 * 8 * 3 * 14336 * 4096                      # 45.1e9 expert parameters
+    dense = mixtral.num_params() - experts                   # attention, router, norms, embeddings: 1.6e9
+    assert abs(mixtral.num_params() - 46.70e9) / 46.70e9 < 1e-3
+    est = estimate(mixtral, ep=8, dp=8, layout="distributed", seq_len=4096)
+    assert est.params_per_rank == dense + experts // 8       # 7.24e9 on each of the 8 ranks
+    assert est.params == 2 * est.params_per_rank and est.optimizer == 16 / 8 * est.params_per_rank
+    est = estimate(mixtral, tp=2, ep=4, pp=4, layout="plain")
+    assert est.params_per_rank == params_per_rank(mixtral, tp=2, ep=4, pp=4)
+    with pytest.raises(ValueError, match="not divisible"):
+        estimate(mixtral, ep=3)

@@ -114,3 +114,22 @@ def test_microbatch_split_rejects_indivisible_batch():
     t = torch.zeros(4, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="not divisible by microbatches=3"):
         pipe.forward_backward(pipe.init(0), {"tokens": t, "labels": t})
+
+
+def test_stage_params_of_a_full_tree_line_up_with_the_stage_declarations():
+    """plan.shard / Pipeline.stage_params must list a stage's leaves in stage_defs order (the
+    layout-weighted norm and the checkpoint specs pair leaves with declarations in order); a
+    LoRA-adapted last stage used to list final_norm / lm_head before its layers."""
+    import pmodel
+    from pmodel import lora as L, tree
+    from pmodel.params import is_decl
+    from pmodel.parallel.pipeline import pipeline
+    from pmodel.parallel.plan import offline_mesh
+    model = L.lora(pmodel.families.preset("debug", num_layers=4), 4, 8.0, 0.0, "all")
+    full = L.adapt(model, pmodel.init(L.base_model(model), seed=0), seed=1)
+    for rank in range(2):
+        pipe = pipeline(model, offline_mesh({"pp": 2}, rank), "1f1b", microbatches=2)
+        got = [p for p, _ in tree.paths(pipe.stage_params(full))]
+        want = [p for p, _ in tree.paths(pipe.stage_defs(), is_leaf=is_decl)]
+        assert got == want, rank
+        assert [p for p, _ in tree.paths(pipe.init(0))] == want

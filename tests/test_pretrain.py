@@ -124,8 +124,16 @@ def test_hf_config_and_refused_resume_with_other_config(tmp_path):
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_kv_heads, cfg.norm_eps, fam) == (128, 32, 2, 1e-6, "llama")
     common = ["--hf-config", str(tmp_path / "hf"), *BASE, "--save", str(tmp_path / "ck")]
     assert PT.main(common) == 0
-    with pytest.raises(SystemExit, match="num_layers: checkpoint=2 current=1"):
-        PT.main([*common, "--load", str(tmp_path / "ck"), "--num-layers", "1", "--train-iters", "4"])
+    # An HF config describes a checkpoint: a flag that disagrees with it is refused, naming both.
+    with pytest.raises(SystemExit, match="--num-layers gives num_layers=1, the config 2"):
+        PT.main([*common, "--num-layers", "1"])
+    assert PT.main([*common, "--num-layers", "2", "--train-iters", "3", "--load", str(tmp_path / "ck")]) == 0
+    # Resuming with another architecture is refused naming the flag and both values.
+    cfg2 = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf2").mkdir()
+    (tmp_path / "hf2" / "config.json").write_text(json.dumps({**cfg2, "num_hidden_layers": 1}))
+    with pytest.raises(SystemExit, match="--num-layers: checkpoint num_layers=2, this run 1"):
+        PT.main(["--hf-config", str(tmp_path / "hf2"), *BASE, "--load", str(tmp_path / "ck"), "--train-iters", "4"])
 
 
 def test_plot_metrics_names_file_and_line_of_bad_records(tmp_path):

@@ -16,6 +16,17 @@ transposed (GPT-2's ``Conv1D``), as PEFT itself sets it; the factors keep ``[r, 
 ``[out, r]``. ``peft.PeftModel.from_pretrained`` loads what :func:`save_adapter` writes, and
 :func:`load_adapter` reads what PEFT saves.
 
+**Experts** (MoE families; Mixtral): transformers 5 fuses each layer's experts into one module
+with the 3-d parameters ``gate_up_proj`` ``(E, 2F, D)`` and ``down_proj`` ``(E, D, F)``, which
+PEFT (>= 0.17) adapts with ``target_parameters`` (``experts.gate_up_proj``,
+``experts.down_proj``): a ``ParamWrapper`` per parameter holds ``lora_A`` ``(E*r, in)`` (rows
+expert-major: expert ``e``'s ``A`` is rows ``e*r .. e*r+r``) and ``lora_B`` ``(out, r*E)``
+(columns rank-major: expert ``e``'s ``B`` is columns ``j*E + e``); several wrapped parameters of
+one module nest, the parameter wrapped first (``gate_up_proj``) innermost, so its keys carry
+``.base_layer``. pmodel's expert LoRA holds ``a`` ``(E, r, in)`` / ``b`` ``(E, out, r)`` per
+stacked weight; ``gate_up_proj``'s adapter is gate's and up's (one ``A``, ``B`` rows gate then
+up), as for the fused modules above. PEFT refuses dropout on such parameters.
+
 Only plain LoRA is read: DoRA, trained biases, ``modules_to_save`` and per-module rank / alpha
 patterns raise with the reason instead of loading something different.
 """
@@ -50,6 +61,103 @@ def _num(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _peft_experts(fam):
+    """The family's PEFT expert layout ``(module template, ((hf_param, pmodel_parts), ...))`` in
+    the order transformers declares (and PEFT wraps) the parameters, or None."""
+    if fam.name == "mixtral":
+        from ..families.mixtral import PEFT_EXPERTS
+        return PEFT_EXPERTS
+    return None
+
+
+def _expert_targets(template: str, params, target_parameters, layer: int) -> list[str]:
+    """The HF expert parameters of layer ``layer`` that PEFT's ``target_parameters`` select (a
+    name matches the full parameter name or a dotted suffix of it, as PEFT matches)."""
+    mod = template.replace("{i}", str(layer))
+    return [name for name, _ in params
+            if any(f"{mod}.{name}" == t or f"{mod}.{name}".endswith("." + t) for t in target_parameters)]
+
+
+def _experts_to_peft(model, fam, factors: dict) -> tuple[dict, list]:
+    """PEFT tensors and ``target_parameters`` for the expert adapters ``{path: (a, b)}``."""
+    if not factors:
+        return {}, []
+    spec = _peft_experts(fam)
+    if spec is None:
+        raise ValueError(f"save_adapter: the {fam.name} family has no PEFT layout for expert adapters")
+    template, params = spec
+    by_layer: dict[int, dict] = {}
+    for path, ab in factors.items():
+        pieces = path.split(".")  # layers.{i}.mlp.experts.{part}
+        by_layer.setdefault(int(pieces[1]), {})[pieces[-1]] = ab
+    out, targeted = {}, None
+    for i, parts in sorted(by_layer.items()):
+        names = [name for name, ours in params if any(p in parts for p in ours)]
+        if targeted is None:
+            targeted = names
+        elif names != targeted:
+            raise ValueError(f"save_adapter: layer {i} adapts the expert parameters {names}, another layer "
+                             f"{targeted}; PEFT's target_parameters name the same parameters in every layer")
+        for idx, name in enumerate(names):
+            ours = dict(params)[name]
+            absent = [p for p in ours if p not in parts]
+            if absent:
+                raise ValueError(f"save_adapter: transformers stores the experts' {list(ours)} as one parameter "
+                                 f"{name!r}; a PEFT adapter on it covers all of them, but layer {i}'s {absent} "
+                                 "carry no LoRA (target all of them, e.g. 'experts')")
+            a = parts[ours[0]][0]
+            unequal = [p for p in ours[1:] if not torch.equal(parts[p][0], a)]
+            if unequal:
+                raise ValueError(f"save_adapter: transformers stores the experts' {list(ours)} as one parameter "
+                                 f"{name!r}, whose PEFT adapter has one A factor per expert, but layer {i}'s A "
+                                 f"factors of {[ours[0], *unequal]} differ (trained as separate adapters); merge "
+                                 "the adapter into the weights (pmodel.lora.merge + save_hf) instead")
+            E, r, din = a.shape
+            b = torch.cat([parts[p][1] for p in ours], dim=1)                 # (E, out, r)
+            mod = template.replace("{i}", str(i)) + ".base_layer" * (len(names) - 1 - idx)
+            out[f"{_PREFIX}{mod}.lora_A.weight"] = a.reshape(E * r, din).contiguous().cpu()
+            out[f"{_PREFIX}{mod}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * E).contiguous().cpu()
+    short = template.rsplit(".", 1)[-1]
+    return out, [f"{short}.{n}" for n in targeted]
+
+
+def _experts_from_peft(model, fam, cfg: dict, mods: dict, adapter_dir) -> tuple[dict, list, set]:
+    """pmodel factors ``{path.a / path.b: tensor}``, the adapted expert paths and the HF module
+    keys consumed, for the expert modules of a PEFT adapter."""
+    spec = _peft_experts(fam)
+    tp = cfg.get("target_parameters") or []
+    if spec is None or not tp:
+        return {}, [], set()
+    template, params = spec
+    rx = re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<nest>(?:\.base_layer)*)$")
+    decls = dict(tree.paths(model.defs, is_leaf=is_decl))
+    E, r = model.config.num_experts, int(cfg["r"])
+    factors, paths, used = {}, [], set()
+    for m, ab in mods.items():
+        hit = rx.match(m)
+        if hit is None:
+            continue
+        i, k = int(hit["i"]), hit["nest"].count(".base_layer")
+        names = _expert_targets(template, params, tp, i)
+        if k >= len(names):
+            raise ValueError(f"{adapter_dir}: {m} is nested {k} deep, but target_parameters {tp} select "
+                             f"{names} in layer {i}")
+        ours = dict(params)[names[len(names) - 1 - k]]
+        shapes = [decls[f"layers.{i}.mlp.experts.{p}"].shape for p in ours]   # (E, out, in) each
+        din, dout = shapes[0][2], sum(s[1] for s in shapes)
+        if tuple(ab["A"].shape) != (E * r, din) or tuple(ab["B"].shape) != (dout, r * E):
+            raise ValueError(f"{adapter_dir}: {m} factors {tuple(ab['A'].shape)}, {tuple(ab['B'].shape)}; expected "
+                             f"{(E * r, din)}, {(dout, r * E)} for {E} experts of rank {r}")
+        a = ab["A"].reshape(E, r, din)
+        b = ab["B"].reshape(dout, r, E).permute(2, 0, 1)                      # (E, out, r)
+        for p, bp in zip(ours, b.split([s[1] for s in shapes], dim=1)):
+            path = f"layers.{i}.mlp.experts.{p}"
+            factors[f"{path}.a"], factors[f"{path}.b"] = a, bp.contiguous()
+            paths.append(path)
+        used.add(m)
+    return factors, paths, used
+
+
 def save_adapter(model, params, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the LoRA factors of ``params`` in PEFT's format.
 
@@ -76,8 +184,11 @@ def save_adapter(model, params, out_dir: str | os.PathLike, *, base_model_name_o
         factors[path.removesuffix(".weight")] = (n.a.detach(), n.b.detach())
     if not factors:
         raise ValueError("save_adapter: params hold no LoRA leaves")
+    expert = {p: f for p, f in factors.items() if f[0].dim() == 3}
+    factors = {p: f for p, f in factors.items() if p not in expert}
     layout = fam.tensors
-    tensors, modules, transposed = {}, [], set()
+    tensors, target_parameters = _experts_to_peft(model, fam, expert)
+    modules, transposed = [], set()
     for module, parts in layout.modules(factors).items():
         absent = [p for p in parts if p not in factors]
         if absent:
@@ -114,6 +225,8 @@ def save_adapter(model, params, out_dir: str | os.PathLike, *, base_model_name_o
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
     }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -161,6 +274,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     for module, ab in mods.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{w_file.name}: module {module!r} has only lora_{''.join(ab)}")
+        n = ab["A"].shape[0]
+        if cfg.get("target_parameters") and n == ab["B"].shape[1] and n % cfg["r"] == 0:
+            continue  # a ParamWrapper on a stacked (experts) parameter: rank r per expert
         if ab["A"].shape[0] != cfg["r"] or ab["B"].shape[1] != cfg["r"]:
             raise ValueError(f"{w_file.name}: {module} factors {tuple(ab['A'].shape)}, {tuple(ab['B'].shape)} "
                              f"do not have rank r={cfg['r']} from {ADAPTER_CONFIG}")
@@ -187,6 +303,8 @@ def load_adapter(model, params, adapter_dir: str | os.PathLike):
     cfg, mods = read_adapter(adapter_dir)
     fam = _family(model)
     layout = fam.tensors
+    factors, paths, used = _experts_from_peft(model, fam, cfg, mods, adapter_dir)
+    mods = {m: ab for m, ab in mods.items() if m not in used}
     decls = {p.removesuffix(".weight"): d for p, d in tree.paths(model.defs, is_leaf=is_decl)
              if p.startswith("layers.") and p.endswith(".weight") and len(d.shape) == 2}
     by_hf = layout.modules(decls)
@@ -195,11 +313,10 @@ def load_adapter(model, params, adapter_dir: str | os.PathLike):
         raise ValueError(f"{adapter_dir}: adapter modules {unknown[:3]} are not {fam.name} weights "
                          f"(expected names like {next(iter(by_hf))})")
     transposed = {layout.locate(by_hf[m][0] + ".weight")[0].transpose for m in mods}
-    if bool(cfg.get("fan_in_fan_out")) not in transposed or len(transposed) > 1:
+    if mods and (bool(cfg.get("fan_in_fan_out")) not in transposed or len(transposed) > 1):
         raise ValueError(f"{adapter_dir}: fan_in_fan_out={bool(cfg.get('fan_in_fan_out'))} in {ADAPTER_CONFIG}, "
                          f"but the {fam.name} checkpoint stores these modules "
                          f"{'transposed (Conv1D)' if True in transposed else 'as [out, in]'}")
-    factors, paths = {}, []
     for m, ab in mods.items():
         parts = by_hf[m]
         want_in = decls[parts[0]].shape[1]

@@ -23,6 +23,15 @@ MIXTRAL_NAMES = tuple(n for n in LLAMA_NAMES if ".mlp." not in n[0]) + (
 )
 
 
+# PEFT adapters on the experts (peft >= 0.17 ``target_parameters``): transformers 5 holds each
+# layer's experts as one module ``model.layers.{i}.mlp.experts`` with the fused parameters
+# ``gate_up_proj`` (E, 2F, D) (gate rows then up rows) and ``down_proj`` (E, D, F), in this order;
+# PEFT wraps every targeted parameter in a ``ParamWrapper`` (one ``lora_A`` (E*r, in) and
+# ``lora_B`` (out, r*E) per parameter, see pmodel.checkpoint.peft). pmodel parts per parameter.
+PEFT_EXPERTS = ("model.layers.{i}.mlp.experts",
+                (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))))
+
+
 def config_from_hf(d: dict) -> ModelConfig:
     """MixtralConfig dict -> ModelConfig.
 

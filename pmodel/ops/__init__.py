@@ -188,7 +188,13 @@ def moe_combine(ys, weights, routed: Routed, *, kernels: Kernels | None = None):
 
 def grouped_linear(xs, w, counts, *, kernels: Kernels | None = None):
     """Per-expert ``xs_e @ w[e].T`` over rows grouped by expert; ``w`` ``(E, out, in)``.
-    ``torch._grouped_mm`` on CUDA / ``npu_grouped_matmul`` on NPU with ``Kernels.fused_moe``."""
+    ``torch._grouped_mm`` on CUDA / ``npu_grouped_matmul`` on NPU with ``Kernels.fused_moe``.
+    A wrapper weight (LoRA on stacked expert weights) implements ``grouped_linear(xs, counts, *,
+    kernels)`` itself."""
+    if not isinstance(w, torch.Tensor):
+        if not hasattr(w, "grouped_linear"):
+            raise TypeError(f"ops.grouped_linear: the weight wrapper {type(w).__name__} does not implement grouped_linear")
+        return w.grouped_linear(xs, counts, kernels=kernels)
     return _impl("grouped_linear", xs, kernels)(xs, w, counts)
 
 
@@ -197,11 +203,10 @@ def grouped_mlp(xs, counts, gate, up, down, *, kernels: Kernels | None = None):
 
     ``gate`` may be a wrapper weight implementing ``grouped_mlp(xs, counts, up, down, *,
     kernels)`` (expert parallel: it exchanges the rows with the ranks holding the experts);
-    plain ``(E, F, D)`` / ``(E, F, D)`` / ``(E, D, F)`` tensors run locally.
+    plain ``(E, F, D)`` / ``(E, F, D)`` / ``(E, D, F)`` tensors (or wrappers implementing
+    ``grouped_linear``, e.g. LoRA) run locally.
     """
-    if not isinstance(gate, torch.Tensor):
-        if not hasattr(gate, "grouped_mlp"):
-            raise TypeError(f"ops.grouped_mlp: the weight wrapper {type(gate).__name__} does not implement grouped_mlp")
+    if hasattr(gate, "grouped_mlp"):
         return gate.grouped_mlp(xs, counts, up, down, kernels=kernels)
     return _moe.grouped_swiglu_mlp(xs, counts, gate, up, down,
                                    linear=functools.partial(grouped_linear, kernels=kernels),

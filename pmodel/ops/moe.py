@@ -173,7 +173,10 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> t
       ``(M, out)``.
     """
     sizes = counts.tolist()
-    parts = [F.linear(xe, w[e]) for e, xe in enumerate(xs.split(sizes, 0)) if sizes[e]]
+    # unbind, not w[e]: the backward of E separate w[e] selections would zero-fill and add E
+    # full-size (E, out, in) gradients; unbind's backward stacks the E slices once.
+    ws = w.unbind(0)
+    parts = [F.linear(xe, ws[e]) for e, xe in enumerate(xs.split(sizes, 0)) if sizes[e]]
     if not parts:
         return xs.new_zeros(0, w.shape[1]) + 0 * w.sum()  # keep the graph connected
     return torch.cat(parts, 0)
@@ -190,8 +193,14 @@ def grouped_swiglu_mlp(xs, counts, gate, up, down, *, linear=grouped_linear, swi
 
 
 def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor | None,
-                 top_k: int) -> dict:
+                 top_k: int, *, extra: dict | None = None, reduce=None) -> dict:
     """One layer's additive router statistics over its valid tokens (see ``pmodel.model``).
+
+    Args:
+      extra: more additive entries (e.g. dropped pairs) summed with the others.
+      reduce: ``dict -> dict`` summing the additive entries (``counts``, ``prob_sum``, ``tokens``,
+        ``z_sum`` and ``extra``) over the ranks that hold other tokens of the same sequences
+        (sequence parallel); applied before the per-layer terms, which are not additive.
 
     Returns:
       dict of fp32 tensors: ``counts`` ``(E,)`` pairs routed to each expert (before any drop),
@@ -204,9 +213,12 @@ def router_stats(logits: torch.Tensor, probs: torch.Tensor, experts: torch.Tenso
     onehot = F.one_hot(experts, E).float().sum(1)                 # (N, E) pairs per expert
     counts = (onehot * v).sum(0).detach()                         # (E,)
     prob_sum = (probs * v).sum(0)                                 # (E,)
-    tokens = v.sum()
+    tokens = v.sum().detach()
     z_sum = (torch.logsumexp(logits.float(), dim=-1).pow(2) * v[:, 0]).sum()
-    n = tokens.clamp(min=1)
+    add = {"counts": counts, "prob_sum": prob_sum, "tokens": tokens, "z_sum": z_sum, **(extra or {})}
+    if reduce is not None:
+        add = reduce(add)
+    counts, prob_sum, z_sum = add["counts"], add["prob_sum"], add["z_sum"]
+    n = add["tokens"].clamp(min=1)
     layer_lb = E / top_k * ((counts / n) * (prob_sum / n)).sum()
-    return {"counts": counts, "prob_sum": prob_sum, "tokens": tokens.detach(), "z_sum": z_sum,
-            "z_mean": z_sum / n, "layer_lb": layer_lb, "layers": probs.new_ones(())}
+    return {**add, "z_mean": z_sum / n, "layer_lb": layer_lb, "layers": probs.new_ones(())}

@@ -140,7 +140,21 @@ def expert_parallel(model, mesh: Mesh):
     group = mesh.group("ep")
     wrapping = Wrapping(name="expert_parallel", claims=lambda s: "ep" in s.dims,
                         wrap=lambda s, t: ExpertParallel(t, group=group))
-    layout = base.extend(rules={"experts": "ep"}, wrappings=(wrapping,))
+    # Composite expert weights (LoRA on the experts: base, a, b each cut on the expert dim): the
+    # children stay plain shards and the whole composite is wrapped when the block runs.
+    comps = [p for p, n in tree.paths(model.defs, is_leaf=lambda x: is_decl(x) or ops.is_wrapper(x))
+             if ops.is_wrapper(n) and ".mlp.experts." in p]
+    layout = base.extend(rules={"experts": "ep"}, wrappings=(wrapping,), composites=comps)
     dense = [p for p, d in tree.paths(model.defs, is_leaf=is_decl) if "ep" not in layout.placement(p, d).dims]
     layout = layout.extend(reductions=(GradReduction(name="expert_data_parallel", dim="ep", paths=dense),))
-    return model.replace(layout=layout, transforms=model.transforms + ("expert_parallel",))
+    out = model.replace(layout=layout, transforms=model.transforms + ("expert_parallel",))
+    if comps:
+        inner = model.block
+
+        def block(p, h, ctx, layer):
+            ex = p["mlp"]["experts"]
+            wrapped = {k: ExpertParallel(v, group=group) if ops.is_wrapper(v) and not isinstance(v, ExpertParallel)
+                       else v for k, v in ex.items()}
+            return inner(dict(p, mlp=dict(p["mlp"], experts=wrapped)), h, ctx, layer)
+        out = out.replace(block=block)
+    return out

@@ -18,6 +18,11 @@ schedule is a per-rank list of ``(kind, microbatch, chunk)`` operations (``"F"``
 ``"B"`` backward, and for zero-bubble ``"B"`` = input gradient only and ``"W"`` = weight
 gradient), executed in order with tagged non-blocking sends and blocking receives.
 
+Mixture of experts: an MoE model's carry is ``(h, router statistics)``; a stage sends the
+statistics (one flat fp32 vector) with the activation and receives their gradient with the
+activation's, and the last stage adds the auxiliary losses from the totals (as ``Model.loss``),
+so they and their gradients equal one process (docs/moe.md).
+
 Loss scaling: each micro-batch's loss is its token-weighted sum divided by the *global* number
 of counted tokens (of the whole batch, or ``num_tokens`` across data-parallel ranks), so the sum
 over micro-batches is exactly the single-process mean and the gradients need no ``1/M``.
@@ -31,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from .. import ops, tree
-from ..model import Model, counted_mask
+from ..model import (Model, counted_mask, moe_loss_term, moe_stats_flatten, moe_stats_size, moe_stats_unflatten,
+                     moe_stats_zeros)
 from ..params import init as _init_params
 from .mesh import Mesh
 
@@ -183,12 +189,13 @@ class _WeightGrad:
     the input path, so nothing is counted twice.
     """
 
-    def __init__(self, out: torch.Tensor, grad: torch.Tensor | None, h_in: torch.Tensor, weights: list):
+    def __init__(self, outs: list, grads: list, ins: list, weights: list):
         from torch.autograd.graph import get_gradient_edge
-        in_node = get_gradient_edge(h_in).node
+        in_nodes = {get_gradient_edge(x).node for x in ins}
         w_nodes = {get_gradient_edge(w).node: w for w in weights}
-        on_input = _reaches([out.grad_fn], {in_node})
-        to_weights = _reaches([out.grad_fn], set(w_nodes))
+        roots = [o.grad_fn for o in outs]
+        on_input = _reaches(roots, in_nodes)
+        to_weights = _reaches(roots, set(w_nodes))
         self.splits = []  # (node, [(edge_node, input_nr)], captured grads)
         handles = []
         for node in on_input:
@@ -199,7 +206,7 @@ class _WeightGrad:
                 self.splits.append(rec)
                 handles.append(node.register_prehook(self._capture(rec)))
         self.weights = [w for n, w in w_nodes.items() if n in to_weights]
-        self.in_grad = torch.autograd.grad(out, h_in, grad, retain_graph=True)[0]
+        self.in_grads = list(torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True))
         for h in handles:
             h.remove()
 
@@ -319,16 +326,68 @@ class Pipeline:
         return _init_params(self.model.replace(defs=self.stage_defs()), seed, dtype=dtype, device=device)
 
     def stage_params(self, full_params: dict) -> dict:
-        """Select this rank's part of a full (single-process layout) params tree (no copies)."""
-        want = self.stage_defs()
-        out = {k: full_params[k] for k in want if k != "layers"}
-        out["layers"] = {str(i): full_params["layers"][i] for i in self.layers}
-        return out
+        """Select this rank's part of a full (single-process layout) params tree (no copies).
+
+        The keys come in :meth:`stage_defs` order, so the leaves line up one to one with the stage's
+        declarations (what layout-weighted norms and checkpoint specs walk)."""
+        return {k: ({str(i): full_params["layers"][i] for i in self.layers} if k == "layers" else full_params[k])
+                for k in self.stage_defs()}
 
     # ------------------------------------------------------------------ communication
     def _tag(self, kind: int, microbatch: int, chunk: int) -> int:
         # Independent of the step's micro-batch count, so any number of micro-batches can run.
-        return (microbatch * 4 + kind) * self.virtual_stages + chunk
+        # kinds: 0 header, 1 activation, 2 its gradient, 3 tied embedding, 4 MoE router statistics,
+        # 5 their gradient
+        return (microbatch * 6 + kind) * self.virtual_stages + chunk
+
+    @property
+    def _moe(self) -> bool:
+        return bool(self.model.config.num_experts)
+
+    def _send_carry(self, outs: list, microbatch: int, chunk: int, sends: list) -> None:
+        """Send a chunk's outputs: the activation and, for an MoE model, the router statistics
+        summed over the layers so far (one flat fp32 vector of fixed size)."""
+        self._send_act(outs[0], microbatch, chunk, sends)
+        if len(outs) > 1:
+            v = self.chunk_stage(chunk) + 1
+            dst, dst_chunk = self._peer(v % self.pp), v // self.pp
+            data = outs[1].detach().contiguous()
+            sends.append((dist.isend(data, dst, tag=self._tag(4, microbatch, dst_chunk)), data))
+
+    def _recv_carry(self, microbatch: int, chunk: int, device) -> list:
+        ins = [self._recv_act(microbatch, chunk, device)]
+        if self._moe:
+            v = self.chunk_stage(chunk) - 1
+            s = torch.empty(moe_stats_size(self.model.config), dtype=torch.float32, device=device)
+            dist.recv(s, self._peer(v % self.pp), tag=self._tag(4, microbatch, chunk))
+            ins.append(s)
+        return ins
+
+    def _send_grads(self, grads: list, ins: list, microbatch: int, chunk: int, sends: list) -> None:
+        """Send the gradients of a chunk's inputs upstream (zeros for an input that got none)."""
+        v = self.chunk_stage(chunk) - 1
+        dst, dst_chunk = self._peer(v % self.pp), v // self.pp
+        for kind, g, x in zip((2, 5), grads, ins):
+            data = (g if g is not None else torch.zeros_like(x)).detach().contiguous()
+            sends.append((dist.isend(data, dst, tag=self._tag(kind, microbatch, dst_chunk)), data))
+
+    def _recv_grads(self, outs: list, microbatch: int, chunk: int) -> list:
+        v = self.chunk_stage(chunk) + 1
+        out = []
+        for kind, like in zip((2, 5), outs):
+            g = torch.empty_like(like)
+            dist.recv(g, self._peer(v % self.pp), tag=self._tag(kind, microbatch, chunk))
+            out.append(g)
+        return out
+
+    def _start_carry(self, h: torch.Tensor):
+        return (h, moe_stats_zeros(self.model.config, h.device)) if self._moe else h
+
+    def _carry_from(self, ins: list):
+        return (ins[0], moe_stats_unflatten(self.model.config, ins[1])) if self._moe else ins[0]
+
+    def _outs_of(self, carry) -> list:
+        return [carry[0], moe_stats_flatten(carry[1])] if self._moe else [carry]
 
     def _send_act(self, h: torch.Tensor, microbatch: int, chunk: int, sends: list) -> None:
         """Send a chunk's output to the next virtual stage (header with shape/dtype first)."""
@@ -351,18 +410,6 @@ class Pipeline:
         h = torch.empty([int(s) for s in header[2:2 + nd]], dtype=dt, device=device)
         dist.recv(h, src, tag=self._tag(1, microbatch, chunk))
         return h
-
-    def _send_grad(self, g: torch.Tensor, microbatch: int, chunk: int, sends: list) -> None:
-        v = self.chunk_stage(chunk) - 1
-        dst, dst_chunk = self._peer(v % self.pp), v // self.pp
-        data = g.detach().contiguous()
-        sends.append((dist.isend(data, dst, tag=self._tag(2, microbatch, dst_chunk)), data))
-
-    def _recv_grad(self, like: torch.Tensor, microbatch: int, chunk: int) -> torch.Tensor:
-        v = self.chunk_stage(chunk) + 1
-        g = torch.empty_like(like)
-        dist.recv(g, self._peer(v % self.pp), tag=self._tag(2, microbatch, chunk))
-        return g
 
     # ------------------------------------------------------------------ batches
     def _microbatches(self, batch) -> list[dict]:
@@ -429,7 +476,8 @@ class Pipeline:
         Returns:
           ``(loss, aux)`` on every pipeline rank (broadcast from the last stage):
           ``aux = {"num_tokens", "loss_sum"}``; ``loss`` is the mean over ``num_tokens``
-          (detached, unscaled) and ``loss_sum`` the sum of the per-token losses.
+          (detached, unscaled; for an MoE model it includes the auxiliary losses, as
+          ``Model.loss``'s does) and ``loss_sum`` the sum of the per-token losses.
         """
         mbs = self._microbatches(batch)
         M = len(mbs)
@@ -455,39 +503,52 @@ class Pipeline:
                 p = bind(j) if bind is not None else params
                 ctx = self._context(mb)
                 if first_v:
-                    h_in = None
-                    h = self.model.embed(p, mb["tokens"], ctx)
+                    ins = []
+                    carry = self._start_carry(self.model.embed(p, mb["tokens"], ctx))
                 else:
-                    h_in = self._recv_act(j, c, dev).requires_grad_(True)
-                    h = h_in
+                    ins = [x.requires_grad_(True) for x in self._recv_carry(j, c, dev)]
+                    carry = self._carry_from(ins)
                 idx = self.chunk_layers(c)
-                h = self.model.run_layers([p["layers"][str(i)] for i in idx], h, ctx, idx.start)
+                carry = self.model.run_layers([p["layers"][str(i)] for i in idx], carry, ctx, idx.start)
                 if last_v:
-                    labels, w, _ = self._labels_weights(mb, denom)
+                    h = carry[0] if self._moe else carry
+                    labels, w, n = self._labels_weights(mb, denom)
                     out, per_tok = self.model.head_loss(p, h, labels, w, ctx)
+                    if self._moe:
+                        # The micro-batch's auxiliary losses from the statistics of every stage's
+                        # layers (received with the activations), as Model.loss adds them.
+                        extra, _ = moe_loss_term(self.model.config, carry[1], n, denom)
+                        if extra is not None:
+                            out = out + extra.to(out.dtype)
                     loss_sum = loss_sum + out.detach().float()
                     per_tok_sum = per_tok_sum + per_tok.detach().float().sum()
                     if loss_scale != 1.0:
                         out = out * loss_scale
+                    outs = [out]
                 else:
-                    out = h
-                    self._send_act(h, j, c, sends)
-                saved[(j, c)] = (h_in, out)
+                    outs = self._outs_of(carry)
+                    self._send_carry(outs, j, c, sends)
+                saved[(j, c)] = (ins, outs)
             elif op.kind == "B":
-                h_in, out = saved.pop((j, c))
-                grad = None if last_v else self._recv_grad(out, j, c)
-                if zb and h_in is not None:
-                    wg = _WeightGrad(out, grad, h_in, weights)
+                ins, outs = saved.pop((j, c))
+                grads = [None] if last_v else self._recv_grads(outs, j, c)
+                # Outputs that do not depend on anything trainable (e.g. statistics under a frozen
+                # router) get no backward.
+                pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                outs, grads = [o for o, _ in pairs], [g for _, g in pairs]
+                if zb and ins and outs:
+                    wg = _WeightGrad(outs, grads, ins, weights)
                     deferred[(j, c)] = wg
-                    in_grad = wg.in_grad
+                    in_grads = wg.in_grads
                 else:
                     if zb:
                         deferred[(j, c)] = None  # first stage: nothing to split off
-                    torch.autograd.backward(out, grad)
-                    in_grad = h_in.grad if h_in is not None else None
+                    if outs:
+                        torch.autograd.backward(outs, grads)
+                    in_grads = [x.grad for x in ins]
                 if not first_v:
-                    self._send_grad(in_grad, j, c, sends)
-                del out, h_in
+                    self._send_grads(in_grads, ins, j, c, sends)
+                del outs, ins
             else:  # "W"
                 wg = deferred.pop((j, c))
                 if wg is not None:
@@ -518,15 +579,19 @@ class Pipeline:
             ctx = self._context(mb)
             for c in range(self.virtual_stages):
                 v = self.chunk_stage(c)
-                h = self.model.embed(params, mb["tokens"], ctx) if v == 0 else self._recv_act(j, c, dev)
+                if v == 0:
+                    carry = self._start_carry(self.model.embed(params, mb["tokens"], ctx))
+                else:
+                    carry = self._carry_from(self._recv_carry(j, c, dev))
                 idx = self.chunk_layers(c)
-                h = self.model.run_layers([params["layers"][str(i)] for i in idx], h, ctx, idx.start)
+                carry = self.model.run_layers([params["layers"][str(i)] for i in idx], carry, ctx, idx.start)
                 if v == last:
+                    h = carry[0] if self._moe else carry
                     labels, w, _ = self._labels_weights(mb, 1)
                     _, per_tok = self.model.head_loss(params, h, labels, w, ctx)
                     loss_sum = loss_sum + per_tok.float().sum()
                 else:
-                    self._send_act(h, j, c, sends)
+                    self._send_carry(self._outs_of(carry), j, c, sends)
         for work, _ in sends:
             work.wait()
         n_all = sum(counted_mask(mb).sum() for mb in mbs)

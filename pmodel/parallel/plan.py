@@ -404,6 +404,8 @@ def _leaf_specs(stage_model, params, tied_copy: str | None) -> dict:
     local = [p for p, _ in tree.paths(params)] if params is not None else [n for n, _ in decls]
     if len(decls) != len(local):
         raise ValueError(f"leaf_specs: params have {len(local)} leaves, the stage declares {len(decls)}")
+    # Leaves pair with declarations in order: plan.init and plan.shard (Pipeline.stage_params)
+    # both build the stage tree in stage_defs order.
     out = {}
     for (name, decl), p in zip(decls, local):
         if layout is None:
@@ -448,7 +450,11 @@ def rank_specs(model, sizes: dict, *, pipeline: PipelineSpec | None = None) -> l
     first = offline_mesh(sizes, 0)
     for r in range(first.world_size):
         mesh = offline_mesh(sizes, r)
-        stage = tensor_parallel(model, mesh)
+        if mesh.size("ep") > 1:
+            from .expert import expert_parallel
+            stage = tensor_parallel(expert_parallel(model, mesh), mesh)
+        else:
+            stage = tensor_parallel(model, mesh)
         tied = None
         if mesh.size("pp") > 1:
             spec = pipeline or PipelineSpec()
@@ -492,12 +498,9 @@ def layout_problems(cfg, sizes: dict, *, pipeline: PipelineSpec | None = None, s
     out = []
     from .expert import ep_size_problems
     out += ep_size_problems(cfg, int(sizes.get("ep", 1)))
-    if cfg.num_experts and pp > 1:
-        out.append("a mixture-of-experts model with pipeline size > 1: the router statistics (auxiliary losses) "
-                   "are not passed between stages yet")
-    if cfg.num_experts and sequence_parallel:
-        out.append("a mixture-of-experts model with sequence_parallel: the router statistics would be per sequence "
-                   "shard (they are not all-reduced over tp yet)")
+    if cfg.num_experts and sequence_parallel and cfg.moe_capacity_factor is not None:
+        out.append("a mixture-of-experts model with a capacity factor and sequence_parallel: each rank would apply "
+                   "the capacity to its sequence shard, not to the whole forward's tokens")
     if policy is not None and policy.param_dtype != cfg.dtype:
         out.append(f"the model computes in {cfg.dtype} but policy.param_dtype is {policy.param_dtype}; build the "
                    f"model with dtype={policy.param_dtype}")

@@ -326,6 +326,21 @@ def _tp_wrapping(group, sequence_parallel: bool) -> Wrapping:
     return Wrapping(name="tensor_parallel", claims=claims, wrap=wrap)
 
 
+def _moe_stats_over(group):
+    """Sum an MoE layer's additive router statistics over ``group`` in one all-reduce (backward:
+    identity); the count entries stay detached."""
+    def reduce(stats: dict) -> dict:
+        keys = list(stats)
+        sizes = [stats[k].numel() for k in keys]
+        flat = comm.reduce_from_tp(torch.cat([stats[k].float().reshape(-1) for k in keys]), group)
+        out = {}
+        for k, part in zip(keys, flat.split(sizes)):
+            part = part.view_as(stats[k])
+            out[k] = part if stats[k].requires_grad else part.detach()
+        return out
+    return reduce
+
+
 def _composite_roles(defs, layout: Layout) -> dict[str, tuple[str, tuple | None, list[str]]]:
     """``{composite path: (role, replica, replicated child paths)}``, checking that its children's
     roles fit one role (the sharded matrix children agree; the others are replicated)."""
@@ -381,10 +396,10 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
         raise ValueError(f"tensor_parallel is already applied (transforms {model.transforms})")
     if tp == 1:
         return model.replace(transforms=model.transforms + ("tensor_parallel",))
-    if sequence_parallel and cfg.num_experts:
-        raise NotImplementedError("tensor_parallel: sequence parallel with a mixture-of-experts model: the router "
-                                  "statistics (auxiliary losses) would be per sequence shard; use "
-                                  "sequence_parallel=False")
+    if sequence_parallel and cfg.num_experts and cfg.moe_capacity_factor is not None:
+        raise NotImplementedError("tensor_parallel: sequence parallel with an MoE capacity factor: each rank would "
+                                  "apply the capacity to its sequence shard, not to the whole forward's tokens; "
+                                  "use dropless (moe_capacity_factor=None) or sequence_parallel=False")
     problems = tp_size_problems(cfg, tp)
     if problems:
         raise ValueError("tensor_parallel: " + "; ".join(problems))
@@ -455,6 +470,15 @@ def tensor_parallel(model, mesh: Mesh, sequence_parallel: bool = False):
             raise NotImplementedError("tensor_parallel: KV-cache decoding with sequence_parallel=True: a decode "
                                       "step of one token cannot be split over the sequence; build the inference "
                                       "model without sequence parallel")
+        if sequence_parallel and cfg.num_experts and ctx.moe_stats_reduce is None:
+            # The MoE layer sees this rank's sequence shard: its router statistics are summed
+            # over TP before the per-layer terms (forward all-reduce, backward identity: every
+            # rank computes the same auxiliary loss from the totals), and only this shard's
+            # padding flags count.
+            valid = ctx.token_valid
+            if valid is not None:
+                valid = valid.chunk(tp, dim=1)[rank]
+            ctx = dataclasses.replace(ctx, token_valid=valid, moe_stats_reduce=_moe_stats_over(group))
         if ctx.alibi is not None and ctx.alibi.shape[1] == H:
             # The context holds every head's ALiBi bias; this rank runs heads [r*H/tp, (r+1)*H/tp).
             n = H // tp
