@@ -38,7 +38,8 @@ from . import optim, tree
 from .model import Model, ModelConfig, count_tokens
 from .precision import Policy
 
-__all__ = ["train_step", "train", "evaluate", "LoopConfig", "TrainState", "flops_per_token", "count_tokens"]
+__all__ = ["train_step", "train", "evaluate", "LoopConfig", "TrainState", "flops_per_token", "count_tokens",
+           "NonFiniteError"]
 
 
 def train_step(model: Model, tx: optim.GradientTransformation, *, policy: Policy | None = None,
@@ -118,6 +119,10 @@ class LoopConfig:
       peak_flops: peak FLOP/s of one device, for MFU; None = MFU not reported.
       world_size: devices running the step (MFU divides by ``peak_flops * world_size``).
       metrics_path: append one JSON object per log / eval event here (lead rank only).
+      max_nonfinite_steps: stop the run (:class:`NonFiniteError`) after this many consecutive
+        steps whose loss or gradient norm was non-finite (their updates are skipped by the step;
+        fp16 loss-scale overflows do not count); None = never stop. A checkpoint is never saved
+        right after a non-finite step (so ``latest`` never moves to one).
     """
 
     train_iters: int
@@ -129,11 +134,13 @@ class LoopConfig:
     peak_flops: float | None = None
     world_size: int = 1
     metrics_path: str | None = None
+    max_nonfinite_steps: int | None = 10
 
     def __post_init__(self):
         if self.train_iters < 0:
             raise ValueError(f"LoopConfig.train_iters must be >= 0, got {self.train_iters}")
-        for name in ("log_interval", "eval_interval", "save_interval", "eval_iters", "world_size"):
+        for name in ("log_interval", "eval_interval", "save_interval", "eval_iters", "world_size",
+                     "max_nonfinite_steps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"LoopConfig.{name} must be positive, got {v}")
@@ -156,6 +163,10 @@ def _first_tensor(params):
 def _seq_len(batch) -> int:
     mb = batch if isinstance(batch, dict) else batch[0]
     return int(mb["tokens"].shape[1])
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm (the run diverged)."""
 
 
 class _StopRequested(RuntimeError):
@@ -256,6 +267,9 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
             metrics_file.flush()
 
     def do_save():
+        if bad_run:
+            say(f"iter {state.step}: checkpoint not saved: the last {bad_run} step(s) were non-finite")
+            return
         path = save(state, params, opt_state)
         if path is not None:
             say(f"saved checkpoint {path}")
@@ -271,6 +285,7 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
     it = iter(train_data(state.consumed_samples))
     win = fresh_window()
     total_skipped = 0
+    bad_run = 0  # consecutive steps with a non-finite loss / gradient norm (updates skipped)
     saved_at, ran = None, False
     res = resilience
     in_step = False
@@ -324,7 +339,14 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
             if m["skipped"]:
                 win["skipped"] += 1
                 total_skipped += 1
-                say(f"iter {state.step}: inf/nan gradients, step skipped (loss scale was {m['loss_scale']:g})")
+                if m.get("nonfinite"):
+                    bad_run += 1
+                    say(f"iter {state.step}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}), "
+                        f"update skipped ({bad_run} in a row)")
+                else:
+                    say(f"iter {state.step}: inf/nan gradients, step skipped (loss scale was {m['loss_scale']:g})")
+            if not m.get("nonfinite"):
+                bad_run = 0
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
@@ -339,6 +361,7 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
                        "peak_mem_bytes": devices.peak_memory_bytes(device), "loss_scale": m["loss_scale"],
                        "skipped": win["skipped"], "total_skipped": total_skipped,
                        "consumed_samples": state.consumed_samples, "time_per_iter_s": dt / max(win["steps"], 1)}
+                rec.update({k: v for k, v in m.items() if k.startswith("moe_")})  # MoE router metrics, last step
                 emit(rec)
                 line = (f"iter {state.step}/{loop.train_iters} | loss {rec['loss']:.4f} | lr {m['lr'] or 0:.3e} | "
                         f"grad norm {m['grad_norm']:.3f} | tokens/s {tps:,.0f} | "
@@ -348,6 +371,12 @@ def train(step: Callable, params, opt_state, train_data: Callable[[int], Iterato
                     line += f" | loss scale {m['loss_scale']:g} | skipped {win['skipped']}"
                 say(line)
                 win = fresh_window()
+            if loop.max_nonfinite_steps is not None and bad_run >= loop.max_nonfinite_steps:
+                emit({"step": state.step, "event": "nonfinite_stop", "consecutive": bad_run})
+                raise NonFiniteError(
+                    f"iteration {state.step}: the loss or gradient norm was non-finite for {bad_run} consecutive "
+                    f"steps (max_nonfinite_steps={loop.max_nonfinite_steps}); the run diverged (learning rate too "
+                    "high? no gradient clipping?). Their updates were skipped; no checkpoint was written for them")
             if evaluate is not None and loop.eval_interval and state.step % loop.eval_interval == 0:
                 run_eval()
             if loop.save_interval and state.step % loop.save_interval == 0:

@@ -107,6 +107,10 @@ def _check_layout(rank, world, sizes, *, zero=False, sp=False, pad=False):
         rp, rs, rm = one.step(rp, rs, mbs)
         res[f"{tag} step {s} loss"] = _close(torch.tensor(m["loss"]), torch.tensor(rm["loss"]))
         res[f"{tag} step {s} grad_norm"] = _close(torch.tensor(m["grad_norm"]), torch.tensor(rm["grad_norm"]))
+        res[f"{tag} step {s} moe metrics"] = (
+            _close(torch.tensor([m["moe_aux_loss"], m["moe_z_loss"]]), torch.tensor([rm["moe_aux_loss"], rm["moe_z_loss"]]))
+            or (None if (m["moe_dropped"], m["moe_routed_pairs"]) == (rm["moe_dropped"], rm["moe_routed_pairs"])
+                else f"dropped/pairs {m['moe_dropped']}/{m['moe_routed_pairs']} vs {rm['moe_dropped']}/{rm['moe_routed_pairs']}"))
     local, full = _local_pieces(params), dict(tree.paths(rp))
     layout = layout_of(plan.model)
     moved = 0
@@ -192,6 +196,10 @@ def _check_pipeline(rank, world, sizes, *, schedule="1f1b", layers=None, V=1, cf
         rp, rs, rm = one.step(rp, rs, mbs)
         res[f"{tag} step {s} loss"] = _close(torch.tensor(m["loss"]), torch.tensor(rm["loss"]))
         res[f"{tag} step {s} grad_norm"] = _close(torch.tensor(m["grad_norm"]), torch.tensor(rm["grad_norm"]))
+        res[f"{tag} step {s} moe metrics"] = (
+            _close(torch.tensor([m["moe_aux_loss"], m["moe_z_loss"]]), torch.tensor([rm["moe_aux_loss"], rm["moe_z_loss"]]))
+            or (None if (m["moe_dropped"], m["moe_routed_pairs"]) == (rm["moe_dropped"], rm["moe_routed_pairs"])
+                else f"dropped/pairs {m['moe_dropped']}/{m['moe_routed_pairs']} vs {rm['moe_dropped']}/{rm['moe_routed_pairs']}"))
     local, full = _local_pieces(params), dict(tree.paths(rp))
     worst = []
     for path, decl in tree.paths(plan.stage_model.defs, is_leaf=is_decl):

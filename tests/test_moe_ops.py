@@ -245,3 +245,28 @@ def test_npu_lowering_equals_reference(standins, factor):
     CALLS.clear()
     m.replace(kernels=npu.replace(fused_moe=False)).loss(p, b)
     assert sum(CALLS.values()) == 0, dict(CALLS)
+
+
+def test_train_step_reports_router_losses_separately():
+    """plan.step's metrics carry the load-balancing and z losses (token-weighted over the
+    micro-batches) and the dropped / routed pairs, apart from the cross-entropy loss."""
+    import pmodel
+    from pmodel import optim
+    from pmodel.model import ModelConfig, build
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48, num_experts=4,
+                      moe_top_k=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, moe_capacity_factor=0.5)
+    model = build(cfg)
+    params = pmodel.init(model, seed=0)
+    g = torch.Generator().manual_seed(0)
+    mbs = [{"tokens": (t := torch.randint(0, 64, (2, 8), generator=g)), "labels": torch.roll(t, -1, 1)}
+           for _ in range(2)]
+    n = sum(int(mb["labels"].numel()) for mb in mbs)
+    want = [model.loss(params, mb, num_tokens=n)[1] for mb in mbs]
+    step = pmodel.train.train_step(model, optim.sgd(0.0))
+    _, _, m = step(params, step.init(params), mbs)
+    lb = sum(float(a["moe_aux_loss"]) * float(a["moe_weight"]) for a in want)
+    z = sum(float(a["moe_z_loss"]) * float(a["moe_weight"]) for a in want)
+    assert m["moe_aux_loss"] == pytest.approx(lb, rel=1e-6) and m["moe_z_loss"] == pytest.approx(z, rel=1e-6)
+    assert m["moe_dropped"] == sum(int(a["moe_dropped"].sum()) for a in want) > 0
+    assert m["moe_routed_pairs"] == sum(int(a["moe_pairs"].sum()) for a in want) == 2 * n * cfg.num_layers
+    assert m["loss"] == pytest.approx(sum(float(a["loss_sum"]) for a in want) / n, rel=1e-6)  # cross-entropy only

@@ -236,6 +236,15 @@ class _WeightGrad:
         self.splits = []
 
 
+def _moe_metric_sums(aux: dict) -> torch.Tensor:
+    """``[lb * w, z * w, dropped, pairs]`` of one micro-batch's ``moe_*`` metrics (``w`` its token
+    share of the global batch): summed over micro-batches and data-parallel ranks they give the
+    token-weighted means and the totals the train step reports."""
+    w = aux["moe_weight"].double()
+    return torch.stack([aux["moe_aux_loss"].double() * w, aux["moe_z_loss"].double() * w,
+                        aux["moe_dropped"].double().sum(), aux["moe_pairs"].double().sum()])
+
+
 def _device_of(params) -> torch.device:
     for x in tree.leaves(params):
         if isinstance(x, torch.Tensor):
@@ -492,6 +501,7 @@ class Pipeline:
         deferred: dict = {}
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         per_tok_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        moe = torch.zeros(4, dtype=torch.float32, device=dev)  # token-weighted lb, z; dropped, pairs
         weights = [x for x in tree.leaves(params) if isinstance(x, torch.Tensor) and x.requires_grad]
         zb = self.schedule == "zero-bubble"
         for op in schedule_ops(self.schedule, self.pp, self.rank, M, self.virtual_stages):
@@ -517,7 +527,8 @@ class Pipeline:
                     if self._moe:
                         # The micro-batch's auxiliary losses from the statistics of every stage's
                         # layers (received with the activations), as Model.loss adds them.
-                        extra, _ = moe_loss_term(self.model.config, carry[1], n, denom)
+                        extra, maux = moe_loss_term(self.model.config, carry[1], n, denom)
+                        moe = moe + _moe_metric_sums(maux).to(moe)
                         if extra is not None:
                             out = out + extra.to(out.dtype)
                     loss_sum = loss_sum + out.detach().float()
@@ -560,7 +571,7 @@ class Pipeline:
         for work, _ in sends:
             work.wait()
         self._sync_tied_embedding(params)
-        return self._broadcast_loss(loss_sum, per_tok_sum, n_all)
+        return self._broadcast_loss(loss_sum, per_tok_sum, n_all, moe)
 
     @torch.no_grad()
     def forward_only(self, params: dict, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -619,11 +630,13 @@ class Pipeline:
         else:
             w.grad.add_(buf)
 
-    def _broadcast_loss(self, loss_sum, per_tok_sum, n_all):
-        vals = torch.stack([loss_sum, per_tok_sum])
+    def _broadcast_loss(self, loss_sum, per_tok_sum, n_all, moe=None):
+        vals = torch.cat([torch.stack([loss_sum, per_tok_sum]), moe if moe is not None else loss_sum.new_zeros(0)])
         if self.pp > 1:
             dist.broadcast(vals, self._peer(self.pp - 1), group=self.mesh.group("pp"))
         aux = {"num_tokens": n_all.detach(), "loss_sum": vals[1]}
+        if moe is not None and self._moe:
+            aux["moe"] = vals[2:]  # see _moe_metric_sums
         return vals[0], aux
 
 

@@ -50,7 +50,7 @@ from . import comm
 from .data import DataParallel
 from .mesh import Mesh
 from .optimizer import norm_weights
-from .pipeline import Pipeline, pipeline as _pipeline
+from .pipeline import Pipeline, _moe_metric_sums, pipeline as _pipeline
 from .layout import layout_of, shard_params, sync_replicated_grads
 from .tensor import tensor_parallel
 from .zero import ShardSpec, shard_spec
@@ -211,8 +211,10 @@ class ParallelPlan:
         denom = counts[0].clamp(min=1)
         scale = float(opt_state.loss_scale.scale) if isinstance(opt_state.loss_scale, LossScaleState) else 1.0
         bind = self._binder(params, int(opt_state.count), len(mbs))
+        moe = None  # MoE router metrics: token-weighted lb and z losses, dropped and routed pairs
         if self.pipe is not None:
-            loss_sum = self.pipe.forward_backward(params, mbs, num_tokens=denom, loss_scale=scale, bind=bind)[1]["loss_sum"]
+            aux = self.pipe.forward_backward(params, mbs, num_tokens=denom, loss_scale=scale, bind=bind)[1]
+            loss_sum, moe = aux["loss_sum"], aux.get("moe")
         else:
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             for j, mb in enumerate(mbs):
@@ -220,6 +222,9 @@ class ParallelPlan:
                     loss, aux = self.model.loss(bind(j) if bind else params, mb, num_tokens=denom)
                     (loss * scale if scale != 1.0 else loss).backward()
                 loss_sum += aux["loss_sum"].double()
+                if "moe_aux_loss" in aux:
+                    part = _moe_metric_sums(aux).to(dev)
+                    moe = part if moe is None else moe + part
         dp.finish()
         # The layout's after-backward work: partial gradients of replicated leaves (sequence
         # parallel norms and row biases, LoRA's replicated factors) are summed over TP.
@@ -227,11 +232,20 @@ class ParallelPlan:
         loss_sum = self._sum(loss_sum.double().reshape(()).to(dev), self.mesh.group("dp"))
         if self.mesh.size("ep") > 1:
             loss_sum = self._sum(loss_sum, self.mesh.group("ep"))
-        opt_state, norm, skipped = self._update(params, opt_state, dp, scale)
+        if moe is not None:
+            moe = self._sum(moe.double().to(dev), self.mesh.group("dp"))
+            if self.mesh.size("ep") > 1:
+                moe = self._sum(moe, self.mesh.group("ep"))
+        loss_finite = bool(torch.isfinite(loss_sum))  # the global sum: equal on every rank
+        opt_state, norm, skipped = self._update(params, opt_state, dp, scale, loss_finite)
         n = int(counts[0])
+        nonfinite = skipped and (not loss_finite or self.policy.loss_scale is None)
         metrics = {"loss": float(loss_sum) / max(n, 1), "num_tokens": n, "tokens": int(counts[1]),
                    "samples": int(counts[2]), "grad_norm": norm, "lr": optim.current_lr(opt_state),
-                   "loss_scale": scale, "skipped": skipped}
+                   "loss_scale": scale, "skipped": skipped, "nonfinite": nonfinite}
+        if moe is not None:  # reported separately from the cross-entropy loss above
+            metrics.update(moe_aux_loss=float(moe[0]), moe_z_loss=float(moe[1]), moe_dropped=int(moe[2]),
+                           moe_routed_pairs=int(moe[3]))
         self._progress["phase"] = "idle"
         return params, opt_state, metrics
 
@@ -270,8 +284,12 @@ class ParallelPlan:
         return groups + [self.mesh.group(d) for d in dims] + [self.mesh.group("pp")], div
 
     @torch.no_grad()
-    def _update(self, params, state: PlanState, dp: DataParallel, scale: float):
-        """The one clip / unscale / update tail. Returns ``(state, grad_norm, skipped)``."""
+    def _update(self, params, state: PlanState, dp: DataParallel, scale: float, loss_finite: bool = True):
+        """The one clip / unscale / update tail. Returns ``(state, grad_norm, skipped)``.
+
+        A non-finite gradient norm or loss skips the update (params and optimizer state are left
+        as they were): with fp16 loss scaling that is an overflow (the scale backs off), otherwise
+        a numerical fault the loop counts (``metrics["nonfinite"]``)."""
         grads = dp.grads(params)
         owned = self.zero.pieces(grads, params) if self.zero is not None else grads
         weights = norm_weights(self.stage_model, params)
@@ -294,6 +312,9 @@ class ParallelPlan:
                 dp.zero_grad()
                 return PlanState(inner=state.inner, loss_scale=ls, count=state.count + 1), float("nan"), True
         true_norm = norm / scale if scale != 1.0 else norm
+        if not (finite and loss_finite):  # every rank sees the same global norm and loss: all skip
+            dp.zero_grad()
+            return PlanState(inner=state.inner, loss_scale=ls, count=state.count + 1), float(true_norm), True
         coef = None
         if self.max_grad_norm is not None:
             coef = torch.clamp(self.max_grad_norm / (true_norm + 1e-6), max=1.0)
