@@ -69,7 +69,8 @@ class McoreError(ValueError):
 class Namespace(types.SimpleNamespace):
     """What an ``argparse.Namespace`` in a Megatron file loads as: an attribute bag (the library
     parses no flags, so it maps the pickled name onto this data-only class instead of importing
-    argparse)."""
+    argparse). If the process has registered ``argparse.Namespace`` itself as a safe global
+    (megatron-core does on import), torch uses that class instead; both are read with ``vars``."""
 
 
 def _safe_globals() -> list:
@@ -285,7 +286,7 @@ def load_mcore(d: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tup
         raise McoreError(f"{it_dir}: the files hold {offset} layers, args say num_layers {cfg.num_layers}")
     flat = _to_pmodel(cfg, merged, tp, str(it_dir))
     info = {"iteration": int(first.get("iteration", 0) or 0), "tp": tp, "pp": pp, "dir": str(it_dir),
-            "virtual_chunks": v, "args": dict(vars(args)) if isinstance(args, types.SimpleNamespace) else dict(args)}
+            "virtual_chunks": v, "args": dict(args) if isinstance(args, dict) else dict(vars(args))}
     return cfg, flat, info
 
 
