@@ -421,8 +421,11 @@ class Resilience:
             flags[1] = int(every[r] != every[partner])
         flags = self._world_sum(flags)
         problems = []
-        if cfg.nonfinite and not metrics.get("skipped") and not math.isfinite(metrics["grad_norm"]):
+        if cfg.nonfinite and ((metrics.get("nonfinite") or not metrics.get("skipped"))
+                              and not math.isfinite(metrics["grad_norm"])):
             problems.append(f"non-finite gradient norm ({metrics['grad_norm']})")
+        elif cfg.nonfinite and metrics.get("nonfinite"):
+            problems.append(f"non-finite loss ({metrics.get('loss')})")
         if int(flags[0]):
             problems.append(f"non-finite parameters ({int(flags[0])} tensors over the ranks)")
         if int(flags[1]):

@@ -59,7 +59,36 @@ def flag_message(msg: str) -> str:
 
 
 def refuse(prog: str, msg: str):
-    raise SystemExit(f"{prog}: {msg}")
+    """A user error: ``<prog>: error: <msg>`` on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"{prog}: error: {msg}")
+
+
+# What a user's input can raise from the library (bad files, values, checkpoints): one line, no
+# traceback, unless --debug.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               UnicodeDecodeError)
+
+
+def add_debug_flag(ap) -> None:
+    ap.add_argument("--debug", action="store_true",
+                    help="show the Python traceback of an error (by default a user error is one 'error:' line)")
+
+
+def run_main(main, prog: str, argv=None) -> int:
+    """Run a CLI's ``main`` the way ``python scripts/<prog>`` does: a library error caused by the
+    input (:data:`USER_ERRORS`) prints ``<prog>: error: <message>`` and exits 1 without a traceback,
+    unless ``--debug`` is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rc = main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"{prog}: error: {msg.strip() or type(e).__name__} ({type(e).__name__}; --debug shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
+    return rc or 0
 
 
 # ----------------------------------------------------------------------------- flag groups
@@ -252,6 +281,11 @@ def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
                        help="--load reads the parameters only; the optimizer starts fresh from them (needed for a "
                             "checkpoint converted from Hugging Face, which holds no optimizer state)")
         g.add_argument("--no-load-rng", action="store_true", help="--load keeps this run's seeds")
+        g.add_argument("--load-if-exists", action="store_true",
+                       help="--load may name a folder without a checkpoint (the run then starts from scratch); "
+                            "without it that is refused unless --load equals --save (the auto-resume pattern)")
+        g.add_argument("--no-verify-checksums", action="store_true",
+                       help="--load skips checking each checkpoint file against the sha256 in its manifest")
         g.add_argument("--finetune", action="store_true",
                        help="--load the parameters only and start at iteration 0 (no optimizer, RNG, position)")
     g.add_argument("--log-interval", type=int, default=log_interval)
@@ -261,6 +295,9 @@ def add_loop_flags(ap, *, log_interval=100, checkpoints=True) -> None:
     g.add_argument("--metrics-file", help="JSON-lines metrics (default: <save>/metrics.jsonl when --save)")
     g.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, to report MFU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop with an error after this many consecutive steps whose loss or gradient norm is "
+                        "non-finite (their updates are skipped; nothing is saved for them); 0 = never stop")
 
 
 def add_profile_flags(ap) -> None:
@@ -355,9 +392,10 @@ def validate_common(args, prog: str) -> None:
     if args.bf16 and args.fp16:
         no("--bf16 and --fp16 are exclusive")
     for flag in ("micro_batch_size", "global_batch_size", "log_interval", "train_iters", "save_interval",
-                 "eval_interval", "eval_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+                 "eval_interval", "eval_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "max_nonfinite_steps"):
         v = getattr(args, flag, None)
-        lo = 0 if flag in ("train_iters", "eval_iters") else 1
+        lo = 0 if flag in ("train_iters", "eval_iters", "max_nonfinite_steps") else 1
         if v is not None and v < lo:
             no(f"--{flag.replace('_', '-')} must be >= {lo}, got {v}")
     validate_megatron(args, prog, notes)
@@ -768,26 +806,50 @@ def build_plan(args, launch: Launch, model, tx, lay: dict, *, max_grad_norm, pol
         refuse(launch.prog, flag_message(str(e)))
 
 
+def check_save_folder(args, cfg_dict: dict, prog: str) -> None:
+    """Refuse ``--save`` into a folder whose checkpoints belong to another model config (unless this
+    run resumed from that very folder): new checkpoints would mix with, and ``latest`` would
+    replace, another run's."""
+    import json
+
+    from pmodel.checkpoint.state import config_diff, latest
+    d = latest(args.save)
+    if d is None:
+        return
+    if getattr(args, "load", None) and Path(args.load).resolve() == Path(args.save).resolve():
+        return  # resuming in place: the load already checked the config
+    try:
+        saved = json.loads((d / "manifest.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        return  # not readable as ours: the save's own atomic write does not touch it
+    diff = config_diff(saved, cfg_dict)
+    if diff:
+        refuse(prog, f"--save {args.save} already holds checkpoints of another model config ({d.name}: "
+                     f"{'; '.join(diff[:3])}); save into a new folder, or --load it to continue that run")
+
+
 def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=None, config=None, extra=None,
         save=None):
     """Resume (``--load``), then :func:`pmodel.train.train` with checkpoints every
     ``--save-interval`` and at the end (``save`` overrides what a save writes).
     Returns ``(params, opt_state, state, history)``."""
     from pmodel.checkpoint.state import CheckpointError
-    from pmodel.train import LoopConfig, TrainState, train
+    from pmodel.train import LoopConfig, NonFiniteError, TrainState, train
     cfg_dict = plan.model.config.to_dict()
     state = TrainState()
     if getattr(args, "load", None):
         params_only = args.no_load_optim or args.finetune
         try:
             got = plan.load_checkpoint(args.load, params, None if params_only else opt_state, config=cfg_dict,
-                                       restore_rng_state=not (args.no_load_rng or args.finetune), cast_dtype=True)
+                                       restore_rng_state=not (args.no_load_rng or args.finetune), cast_dtype=True,
+                                       verify=not getattr(args, "no_verify_checksums", False))
         except CheckpointError as e:
             msg = str(e)
             if "no optimizer state" in msg or "no optimizer-state" in msg:
                 msg += " (a checkpoint converted from Hugging Face holds parameters only: add --no-load-optim)"
             refuse(launch.prog, msg)
         if got is None:
+            check_fresh_start(args, launch.prog)
             launch.say(f"no checkpoint under --load {args.load}; starting from scratch")
         else:
             params, loaded_state, man = got
@@ -809,6 +871,8 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
                 note += f" (parameters cast from {man['cast_from']})"
             launch.say(f"{'loaded' if args.finetune else 'resumed from'} {man['dir']} at iteration {state.step} "
                        f"({state.consumed_samples} samples consumed){' parameters only' if params_only else ''}{note}")
+    if save is None and getattr(args, "save", None):
+        check_save_folder(args, cfg_dict, launch.prog)
     ckpt_save = None
     if save is None and getattr(args, "save", None):
         def save(st, p, o, writer=None):
@@ -824,11 +888,28 @@ def run(args, launch: Launch, plan, params, opt_state, train_data, *, eval_data=
                       eval_interval=args.eval_interval if eval_data is not None else None,
                       eval_iters=eval_iters or 1, save_interval=args.save_interval, metrics_path=metrics,
                       progress=not args.no_progress, peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
-                      world_size=launch.world)
-    return train(plan.step, params, opt_state, train_data, loop=loop,
-                 evaluate=plan.evaluate if eval_data is not None else None, eval_data=eval_data, save=save,
-                 state=state, config=config, lead=launch.lead, profiler=profiler_of(args, launch),
-                 resilience=resilience)
+                      world_size=launch.world,
+                      max_nonfinite_steps=getattr(args, "max_nonfinite_steps", 10) or None)
+    try:
+        return train(plan.step, params, opt_state, train_data, loop=loop,
+                     evaluate=plan.evaluate if eval_data is not None else None, eval_data=eval_data, save=save,
+                     state=state, config=config, lead=launch.lead, profiler=profiler_of(args, launch),
+                     resilience=resilience)
+    except NonFiniteError as e:
+        refuse(launch.prog, str(e))
+
+
+def check_fresh_start(args, prog: str) -> None:
+    """``--load`` named a folder without a checkpoint: refused (a typo would otherwise start from
+    scratch and overwrite ``--save``) unless ``--load-if-exists`` or ``--load`` equals ``--save``
+    (auto-resume: the first launch finds nothing)."""
+    if getattr(args, "load_if_exists", False):
+        return
+    save = getattr(args, "save", None)
+    if save and Path(save).resolve() == Path(args.load).resolve():
+        return
+    what = "does not exist" if not Path(args.load).exists() else "holds no checkpoint"
+    refuse(prog, f"--load {args.load} {what}; give --load-if-exists to start from scratch when there is none")
 
 
 def resilience_of(args, launch: Launch, plan, ckpt_save):
@@ -862,8 +943,29 @@ def resilience_of(args, launch: Launch, plan, ckpt_save):
     return res
 
 
-def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_samples=None):
-    """``start -> iterator`` of this data-parallel rank's micro-batches (each rank reads only its own)."""
+def check_token_ids(mb: dict, vocab_size: int | None, prog: str, what: str = "training data") -> dict:
+    """Refuse a micro-batch whose token or label ids do not fit the model's vocabulary (the
+    embedding would fail with a bare IndexError, or a device assert on an accelerator)."""
+    if vocab_size is None:
+        return mb
+    for key in ("tokens", "labels"):
+        t = mb.get(key)
+        if t is None or not t.numel():
+            continue
+        hi = int(t.max())
+        lo = int(t[t != -100].min()) if key == "labels" and bool((t != -100).any()) else int(t.min())
+        if hi >= vocab_size or lo < 0:
+            bad = hi if hi >= vocab_size else lo
+            refuse(prog, f"{what}: token id {bad} in the {key} does not fit the model's vocabulary of {vocab_size} "
+                         f"(ids 0..{vocab_size - 1}; max id in the batch {hi}): data tokenized with another "
+                         "tokenizer, or a wrong --vocab-size?")
+    return mb
+
+
+def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_samples=None,
+           vocab_size: int | None = None):
+    """``start -> iterator`` of this data-parallel rank's micro-batches (each rank reads only its own);
+    with ``vocab_size`` every micro-batch's ids are checked against it."""
     from pmodel.data import MicroBatchLoader
     mesh = launch.mesh
 
@@ -874,7 +976,7 @@ def loader(dataset, args, launch: Launch, lay: dict, collator, to_batch, *, num_
                               start=start, dp_rank=mesh.rank("ep") + ep * mesh.rank("dp"), dp_size=ep * mesh.size("dp"),
                               collator=collator,
                               num_samples=num_samples)
-        return ([to_batch(mb) for mb in micros] for micros in it)
+        return ([to_batch(check_token_ids(mb, vocab_size, launch.prog)) for mb in micros] for micros in it)
     return data
 
 

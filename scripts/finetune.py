@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -113,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection names (q_proj ... down_proj), ModelLink names (query_key_value, dense, "
                         "dense_h_to_4h, dense_4h_to_h), 'all', or one regex over module paths")
     g.add_argument("--lora-load", default=None, help="start from this PEFT adapter folder")
+    cli.add_debug_flag(t)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain HF checkpoint")
     _add_common(m)
     m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="dtype (default: the checkpoint's)")
     m.add_argument("--lora-load", required=True, help="PEFT adapter folder")
+    cli.add_debug_flag(m)
     return p
 
 
@@ -190,12 +193,36 @@ def load_examples(args, model) -> tuple[object, dict]:
         cli.refuse(PROG, str(e))
     if args.max_samples is not None:
         records = records[: args.max_samples]
+    rejects: list = []
     examples, skipped = pdata.encode_examples(records, tok, template, style=args.data_style or "alpaca",
-                                              map_keys=map_keys, seq_length=args.seq_length)
+                                              map_keys=map_keys, seq_length=args.seq_length, rejects=rejects)
+    rejects_path = _write_rejects(args, rejects)
     if not len(examples):
-        raise SystemExit(f"{args.data_path}: no usable examples (skipped: {skipped})")
-    return examples, {"source": "raw", "template": template, "examples": len(examples),
-                                 "skipped": skipped}
+        raise SystemExit(f"{PROG}: {args.data_path}: no usable examples (skipped: {skipped}"
+                         + (f"; listed in {rejects_path}" if rejects_path else "") + ")")
+    info = {"source": "raw", "template": template, "examples": len(examples), "skipped": skipped}
+    if rejects_path:
+        info["rejects"] = str(rejects_path)
+    return examples, info
+
+
+def _write_rejects(args, rejects: list) -> Path | None:
+    """The skipped records, one JSON line each with file and line (``.jsonl``) or record number
+    (``.json``, 1-based), reason and message, to ``<--save>/rejects.jsonl`` (lead rank only)."""
+    if not rejects or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    src = Path(args.data_path)
+    lines = None
+    if src.suffix == ".jsonl":
+        lines = [n for n, ln in enumerate(src.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    out = Path(args.save) / "rejects.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for i, reason, msg in rejects:
+            where = {"line": lines[i]} if lines is not None else {"record": i + 1}
+            f.write(json.dumps({"file": str(src), **where, "reason": reason, "message": msg},
+                               ensure_ascii=False) + "\n")
+    return out
 
 
 class _Cycle:
@@ -274,6 +301,10 @@ def train(args) -> None:
     lay = launch.layout(args, cfg)
     dataset, info = load_examples(args, model)
     launch.say(json.dumps({"data": info}))
+    if not any(bool((np.asarray(dataset.sample(i)["labels"]) != pdata.IGNORE_INDEX).any())
+               for i in range(len(dataset))):  # stops at the first example with a trained token
+        cli.refuse(PROG, f"{args.data_path}: no tokens to train on: every label of the {len(dataset)} examples is "
+                         "masked (prompt-only records? a template that masks the responses?)")
     if len(dataset) < lay["global_batch"]:
         cli.refuse(PROG, f"{len(dataset)} examples cannot fill one global batch of {lay['global_batch']}")
     collator = CollatorConfig(seq_length=None, pad_to_multiple_of=8)
@@ -299,7 +330,7 @@ def train(args) -> None:
 
         def to_batch(mb):
             return {k: v.to(dev) for k, v in mb.items()}
-        train_data = cli.loader(_Cycle(dataset), args, launch, lay, collator, to_batch)
+        train_data = cli.loader(_Cycle(dataset), args, launch, lay, collator, to_batch, vocab_size=cfg.vocab_size)
         mesh = launch.mesh
         eval_set = [dataset.sample(i) for i in range(min(args.eval_samples, len(dataset)))]
         ep = mesh.size("ep")  # each data rank (dp x ep) scores its share
@@ -336,12 +367,31 @@ def train(args) -> None:
 
 
 def merge(args) -> None:
+    save = Path(args.save).resolve()
+    for flag in ("load_hf", "lora_load"):
+        src = Path(getattr(args, flag)).resolve()
+        if save == src or src in save.parents or save in src.parents:
+            cli.refuse(PROG, f"--save {args.save} is (inside / above) --{flag.replace('_', '-')} "
+                             f"{getattr(args, flag)}: the merge would overwrite its own input; save elsewhere")
     dtype = _DTYPES[args.dtype] if args.dtype else None
     model, params = pmodel.load_hf(args.load_hf, dtype=dtype)
     lm, lp = peft_io.load_adapter(model, params, args.lora_load)
-    out = pmodel.save_hf(L.base_model(lm), L.merge(lp), args.save)
-    _copy_tokenizer(Path(args.load_hf), out)
-    print(json.dumps({"saved": str(out), "merged_modules": len(L.spec_of(lm).modules)}), flush=True)
+    # Atomic: written into a hidden sibling folder, renamed into place once complete.
+    tmp = save.with_name(f".tmp-{save.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pmodel.save_hf(L.base_model(lm), L.merge(lp), tmp)
+        _copy_tokenizer(Path(args.load_hf), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = save.with_name(f".tmp-old-{save.name}")
+    if save.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        save.rename(old)
+    tmp.rename(save)
+    shutil.rmtree(old, ignore_errors=True)
+    print(json.dumps({"saved": str(Path(args.save)), "merged_modules": len(L.spec_of(lm).modules)}), flush=True)
 
 
 def main(argv=None) -> None:
@@ -353,4 +403,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run_main(main, PROG))

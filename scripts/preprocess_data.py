@@ -166,6 +166,11 @@ def main(argv=None) -> int:
         print(f"error: {flag_message(str(e))}", file=sys.stderr)
         return 1
     print(report.summary())
+    if report.written == 0:
+        why = (f"all {report.records} records were rejected (see {report.rejects_path})" if report.num_rejected
+               else "the input holds no records")
+        print(f"error: nothing was written: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

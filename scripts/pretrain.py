@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_moe_flags(ap)
     cli.add_loop_flags(ap)
     cli.add_profile_flags(ap)
+    cli.add_debug_flag(ap)
     return ap
 
 
@@ -394,10 +395,11 @@ def build_data(args, cfg, launch, lay):
     coll = CollatorConfig(seq_length=args.seq_length)
     # Samples past one epoch are valid indices (the dataset reshuffles per epoch), so the loader is
     # sized by what training needs, not by the dataset's epoch length.
-    train_data = cli.loader(train_ds, args, launch, lay, coll, to_batch, num_samples=args.train_iters * gbs)
+    train_data = cli.loader(train_ds, args, launch, lay, coll, to_batch, num_samples=args.train_iters * gbs,
+                            vocab_size=cfg.vocab_size)
     eval_data = None
     if evaluate:
-        eval_loader = cli.loader(valid_ds, args, launch, lay, coll, to_batch)
+        eval_loader = cli.loader(valid_ds, args, launch, lay, coll, to_batch, vocab_size=cfg.vocab_size)
 
         def eval_data():
             return eval_loader(0)
@@ -407,9 +409,12 @@ def build_data(args, cfg, launch, lay):
 def _manifest(root):
     import json
 
-    from pmodel.checkpoint.state import latest
-    d = latest(root) if root else None
-    return json.loads((d / "manifest.json").read_text()) if d is not None else None
+    from pmodel.checkpoint.state import CheckpointError, latest
+    try:
+        d = latest(root) if root else None
+        return json.loads((d / "manifest.json").read_text()) if d is not None else None
+    except (CheckpointError, ValueError, OSError) as e:
+        cli.refuse(PROG, f"{root}: {e}")
 
 
 def lora_setup(args, launch, base_model, cfg):
@@ -456,12 +461,14 @@ def lora_setup(args, launch, base_model, cfg):
         full = pmodel.load_hf(args.load_hf, dtype=cfg.dtype)[1]
     elif load_man is not None:
         try:
-            full, _, man = sharded.load(args.load, params=full, config=cfg.to_dict(), cast_dtype=True)
+            full, _, man = sharded.load(args.load, params=full, config=cfg.to_dict(), cast_dtype=True,
+                                        verify=not args.no_verify_checksums)
         except Exception as e:  # CheckpointError and friends, with the file named
             cli.refuse(PROG, f"--load {args.load}: {e}")
         launch.say(f"loaded the base parameters from {man['dir'] if 'dir' in man else args.load} (LoRA: the "
                    "optimizer, RNG and position of the base run do not apply)")
     elif args.load:
+        cli.check_fresh_start(args, PROG)
         launch.say(f"no checkpoint under --load {args.load}; the base weights start from scratch")
     if args.lora_load:
         p = _P(args.lora_load)
@@ -604,4 +611,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run_main(main, PROG))

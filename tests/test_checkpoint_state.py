@@ -138,3 +138,70 @@ def test_resume_in_new_process_is_bit_exact(tmp_path):
     la, lb = _losses(a / "metrics.jsonl"), _losses(b / "metrics.jsonl")
     assert sorted(la) == sorted(lb) == list(range(1, 21))
     assert all(la[s] == lb[s] for s in la), [(s, la[s], lb[s]) for s in la if la[s] != lb[s]]
+
+
+def test_corrupted_or_truncated_file_is_refused_naming_it(tmp_path):
+    model, params, step, st = _setup()
+    ckpt.save(tmp_path, 1, params=params, opt_state=st, config=model.config.to_dict())
+    d = tmp_path / "iter_0000001"
+    man = json.loads((d / "manifest.json").read_text())
+    assert set(man["files"]) == {"rank_00000.json", "rank_00000.safetensors"}
+    f = d / "rank_00000.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-20] ^= 0xFF  # one byte of tensor data: safetensors itself would read it without a word
+    f.write_bytes(bytes(raw))
+    _, p2, _, s2 = _setup(seed=5)
+    with pytest.raises(CheckpointError, match=r"rank_00000.safetensors: corrupted"):
+        ckpt.load(tmp_path, params=p2, opt_state=s2)
+    with pytest.raises(CheckpointError, match=r"rank_00000.safetensors: corrupted"):
+        ckpt.read_full(tmp_path)
+    ckpt.load(tmp_path, params=p2, opt_state=s2, verify=False)  # the opt-out reads it anyway
+    f.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
+    with pytest.raises(CheckpointError, match=r"rank_00000.safetensors: (cannot|corrupted)"):
+        ckpt.load(tmp_path, params=p2, opt_state=s2, verify=False)
+
+
+def test_paths_leaving_the_checkpoint_folder_are_refused(tmp_path):
+    from pmodel.checkpoint.hf import read_safetensors_index
+    model, params, step, st = _setup()
+    root = tmp_path / "ck"
+    ckpt.save(root, 1, params=params, opt_state=st, config=model.config.to_dict())
+    outside = tmp_path / "elsewhere"
+    ckpt.save(outside, 1, params=params, opt_state=st, config=model.config.to_dict())
+    (root / "latest").write_text("../elsewhere/iter_0000001\n")
+    with pytest.raises(CheckpointError, match=r"leaves the folder"):
+        ckpt.load(root, params=params)
+    (root / "latest").write_text("iter_0000001\n")
+    mf = root / "iter_0000001" / "manifest.json"
+    man = json.loads(mf.read_text())
+    man["files"]["../../x.json"] = "0" * 64
+    mf.write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match=r"leaves the folder"):
+        ckpt.load(root, params=params)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere/x.safetensors"}}))
+    with pytest.raises(ValueError, match=r"leaves the folder"):
+        read_safetensors_index(hf)
+
+
+def test_manifest_or_index_missing_a_key_is_refused_naming_it(tmp_path):
+    model, params, step, st = _setup()
+    ckpt.save(tmp_path, 1, params=params, opt_state=st, config=model.config.to_dict())
+    d = tmp_path / "iter_0000001"
+    mf = d / "manifest.json"
+    man = json.loads(mf.read_text())
+    del man["step"]
+    mf.write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match=r"manifest.json: missing key\(s\) \['step'\]"):
+        ckpt.load(tmp_path, params=params, verify=False)
+    man["step"] = 1
+    mf.write_text(json.dumps(man))
+    idx = d / "rank_00000.json"
+    meta = json.loads(idx.read_text())
+    del meta["pieces"][0]["kind"]
+    idx.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"rank_00000.json: missing key 'kind'"):
+        ckpt.load(tmp_path, params=params, verify=False)
+    with pytest.raises(CheckpointError, match=r"rank_00000.json: corrupted"):
+        ckpt.load(tmp_path, params=params)

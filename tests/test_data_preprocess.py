@@ -195,3 +195,23 @@ def test_script_refuses_flags_it_would_ignore(tmp_path, capsys):
     # the default --json-keys (text) still applies when the flag is left out
     assert main(base + ["--tokenizer-type", "ByteTokenizer"]) == 0
     assert len(IndexedDataset(str(tmp_path / "o") + "_text_document")) == 1
+
+
+def test_empty_or_all_rejected_input_and_unsupported_files_fail(tmp_path, capsys):
+    main = _script_main()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n{"nope": 1}\n')
+    for src, why in ((empty, "the input holds no records"), (bad, "all 2 records were rejected")):
+        rc = main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "ByteTokenizer",
+                   "--no-progress"])
+        assert rc != 0
+        assert f"error: nothing was written: {why}" in capsys.readouterr().err
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"text": "hello"}\n')
+    (d / "b.csv").write_text("text\nhello\n")
+    (d / "c.jsonl.bz2").write_bytes(b"x")
+    with pytest.raises(PreprocessError, match=r"2 file\(s\) of unsupported types in the directory: b.csv, c.jsonl.bz2"):
+        preprocess(_cfg(tmp_path, [d]))

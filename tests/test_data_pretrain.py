@@ -97,3 +97,20 @@ def test_split_and_blend(tmp_path):
     assert from_b == 700
     counts = np.bincount(tr.dataset_index[:10], minlength=2)
     assert abs(counts[1] - 7) <= 1  # greedy blending tracks the weights at every prefix
+
+
+def test_cached_indices_are_keyed_by_the_dataset_content(tmp_path):
+    """Another corpus preprocessed into the same prefix (same number of sequences and tokens,
+    other lengths) gets its own indices, not the first corpus's cached ones."""
+    docs = _docs(seed=0)
+    write_indexed_dataset(tmp_path / "d", docs, dtype=np.int32)
+    cfg = PretrainConfig(seq_length=8, seed=7)
+    PretrainDataset(tmp_path / "d", cfg).raw_sample(0)  # caches epoch 0's indices
+    other = [np.arange(len(x)) + 1000 for x in docs[::-1]]  # same counts, lengths in another order
+    write_indexed_dataset(tmp_path / "d", other, dtype=np.int32)
+    got = PretrainDataset(tmp_path / "d", cfg)
+    fresh = PretrainDataset(tmp_path / "d", PretrainConfig(seq_length=8, seed=7, cache_dir=str(tmp_path / "c")))
+    for k, (a, b) in enumerate(zip(got.indices(0), fresh.indices(0))):
+        np.testing.assert_array_equal(a, b, err_msg=f"index {k}")
+    for i in range(len(got)):
+        np.testing.assert_array_equal(got.raw_sample(i), fresh.raw_sample(i))

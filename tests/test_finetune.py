@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import pmodel
@@ -150,3 +151,84 @@ def test_seq_length_bounds_preprocessed_examples(tmp_path):
     args.seq_length = longest
     got, info = ft.load_examples(args, None)
     assert info == {"source": "preprocessed", "examples": 2} and len(got) == 2
+
+
+def test_diverging_lora_finetune_stops_with_an_error_and_saves_no_adapter(tmp_path):
+    _need_data()
+    ft = _script()
+    out = tmp_path / "adapter"
+    args = ["train", *map(str, _train_args(out, "--train-iters", 30, "--lr", 1e6, "--clip-grad", 0,
+                                           "--lora-r", 4, "--max-nonfinite-steps", 2, "--eval-samples", 0,
+                                           "--max-samples", 40, "--micro-batch-size", 2))]
+    with pytest.raises(SystemExit, match="non-finite for 2 consecutive steps"):
+        ft.main(args)
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_merge_refuses_to_overwrite_its_input_and_writes_atomically(tmp_path, monkeypatch):
+    ft = _script()
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    for save in (base, base / "merged", adapter):
+        with pytest.raises(SystemExit, match="would overwrite its own input"):
+            ft.main(["merge", "--load-hf", str(base), "--lora-load", str(adapter), "--save", str(save)])
+    _need_data()
+    model, params = pmodel.load_hf(BASE)
+    lm = L.lora(model, 4, 8.0, 0.0, "all")
+    peft_io.save_adapter(lm, L.adapt(lm, params, seed=0), adapter)
+    out = tmp_path / "merged"
+
+    def boom(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(ft, "_copy_tokenizer", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ft.main(["merge", "--load-hf", str(BASE), "--lora-load", str(adapter), "--save", str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing half-written
+
+
+def test_every_label_masked_is_refused(tmp_path):
+    _need_data()
+    from pmodel.data import write_indexed_dataset
+    ft = _script()
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 500, 20).tolist() for _ in range(8)]
+    write_indexed_dataset(tmp_path / "sft_packed_input_ids_document", docs)
+    write_indexed_dataset(tmp_path / "sft_packed_labels_document", [[-100] * len(d) for d in docs])
+    with pytest.raises(SystemExit, match="no tokens to train on: every label of the 8 examples is masked"):
+        ft.main(["train", "--load-hf", str(BASE), "--data-path", str(tmp_path / "sft"), "--seq-length", "64",
+                 "--micro-batch-size", "2", "--train-iters", "2", "--save", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_records_and_truncated_weights_name_the_file(tmp_path):
+    _need_data()
+    import shutil
+    ft = _script()
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[{"instruction": "ok", "output": "x"},\n {"instruction": "\xff", "output": "y"}]')
+    with pytest.raises(SystemExit, match=r"bad.json:2: not UTF-8 text \(byte 0xff"):
+        ft.main(["train", "--load-hf", str(BASE), "--data-path", str(bad), "--prompt-type", "alpaca",
+                 "--train-iters", "1", "--save", str(tmp_path / "o")])
+    hf = tmp_path / "hf"
+    shutil.copytree(BASE, hf)
+    w = hf / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot (be )?read"):
+        pmodel.load_hf(hf)
+    model, params = pmodel.load_hf(BASE)
+    lm = L.lora(model, 4, 8.0, 0.0, "all")
+    peft_io.save_adapter(lm, L.adapt(lm, params, seed=0), tmp_path / "ad")
+    a = tmp_path / "ad" / "adapter_model.safetensors"
+    a.write_bytes(a.read_bytes()[: a.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: cannot (be )?read"):
+        peft_io.load_adapter(model, params, tmp_path / "ad")
+
+
+def test_skipped_records_are_written_to_a_rejects_file_with_their_location(tmp_path):
+    _need_data()
+    ft = _script()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="3 examples cannot fill one global batch of 4"):
+        ft.main(["train", *map(str, _train_args(out, "--train-iters", 1, "--max-samples", 8))])
+    recs = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and {r["reason"] for r in recs} == {"too_long"}
+    assert all(r["file"] == str(SFT) and 1 <= r["record"] <= 8 for r in recs)

@@ -185,3 +185,112 @@ def test_load_hf_starts_from_the_checkpoint_weights_and_reads_its_tokenizer_fold
     batch = {k: torch.from_numpy(__import__("numpy").stack([r[k] for r in rows])) for k in ("tokens", "labels")}
     want = float(model.loss(params, batch)[0].detach())
     assert first["loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_diverging_run_stops_with_an_error_and_latest_stays_finite(tmp_path):
+    """--lr 1e6 without clipping diverges: the non-finite steps are skipped, the run stops after
+    --max-nonfinite-steps of them with an error, and no checkpoint holds non-finite values."""
+    from safetensors.torch import load_file
+    ck = tmp_path / "ck"
+    args = ["--model", "debug", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e6", "--clip-grad", "0",
+            "--lr-decay-style", "constant", "--train-iters", "30", "--mock-data", "--no-progress",
+            "--save", str(ck), "--save-interval", "1", "--max-nonfinite-steps", "2", "--log-interval", "1"]
+    with pytest.raises(SystemExit, match="non-finite for 2 consecutive steps"):
+        PT.main(args)
+    for d in sorted(ck.glob("iter_*")):
+        for f in d.glob("*.safetensors"):
+            for k, t in load_file(str(f)).items():
+                assert not t.is_floating_point() or bool(torch.isfinite(t).all()), (f, k)
+
+
+def test_load_of_a_missing_path_is_refused_unless_allowed(tmp_path):
+    common = ["--model", "debug", *BASE, "--save", str(tmp_path / "sv")]
+    with pytest.raises(SystemExit, match=r"--load .*sv_typo does not exist; give --load-if-exists"):
+        PT.main([*common, "--load", str(tmp_path / "sv_typo")])
+    assert not (tmp_path / "sv").exists()  # nothing written
+    assert PT.main([*common, "--load", str(tmp_path / "sv_typo"), "--load-if-exists"]) == 0
+    assert PT.main([*common, "--load", str(tmp_path / "sv"), "--train-iters", "3"]) == 0  # auto-resume: --load = --save
+    assert PT.main(["--model", "debug", *BASE, "--save", str(tmp_path / "sv2"), "--load", str(tmp_path / "sv2")]) == 0
+
+
+def test_token_ids_above_the_vocabulary_are_refused_naming_them(tmp_path):
+    import numpy as np
+    from pmodel.data import write_indexed_dataset
+    docs = [np.arange(200, 260, dtype=np.int64) for _ in range(20)]
+    write_indexed_dataset(str(tmp_path / "corpus"), docs)
+    with pytest.raises(SystemExit, match=r"token id 2\d\d in the tokens does not fit the model's vocabulary of 100 "
+                                         r"\(ids 0..99; max id in the batch 2\d\d\)"):
+        PT.main(["--model", "debug", "--vocab-size", "100", "--seq-length", "16", "--micro-batch-size", "2",
+                 "--lr", "1e-3", "--train-iters", "2", "--data-path", str(tmp_path / "corpus"), "--split", "100,0,0",
+                 "--no-progress"])
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("num_hidden_layers", 1e9, r"'num_hidden_layers' = 1000000000.0 must be an integer"),
+    ("hidden_size", [64], r"'hidden_size' = \[64\] must be an integer"),
+    ("vocab_size", None, r"'vocab_size' is null"),
+    ("num_attention_heads", "abc", r"'num_attention_heads' = 'abc' must be an integer"),
+    ("intermediate_size", 5.5, r"'intermediate_size' = 5.5 must be an integer"),
+    ("num_hidden_layers", 10**9, r"'num_hidden_layers' = 1000000000 is outside"),
+    ("rms_norm_eps", "x", r"'rms_norm_eps' = 'x' must be a finite number"),
+])
+def test_hf_config_fields_are_validated_naming_field_and_file(tmp_path, field, value, msg):
+    import json
+
+    import pmodel
+    cfg = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-6, field: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: field " + msg):
+        pmodel.load_hf(tmp_path)
+
+
+def test_user_errors_are_one_error_line_without_traceback_unless_debug(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": "abc", "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}))
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--hf-config", str(tmp_path / "hf"), *BASE]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("pretrain.py: error: ") and "'hidden_size' = 'abc'" in err[0], err
+    r = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_load_hf_refuses_a_config_far_larger_than_its_weights_before_building_it(tmp_path):
+    """A config.json whose size the weights on disk cannot support (here 60,000 layers over a
+    2-layer checkpoint) is refused from the safetensors headers, before any declaration is built."""
+    import json
+    import time
+
+    import pmodel
+    model = pmodel.families.preset("debug")
+    pmodel.save_hf(model, pmodel.init(model, seed=0), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 60_000  # within the field range check, far beyond the weights
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"config\.json: describes .* parameters \(60000 layers.*refusing"):
+        pmodel.load_hf(tmp_path)
+    assert time.perf_counter() - t0 < 30  # bounded: nothing of 60,000 layers was built
+
+
+def test_save_into_a_folder_of_another_config_is_refused(tmp_path):
+    """--save into a folder holding another model config's checkpoints is refused (nothing is
+    overwritten); the same config, or resuming in place, is allowed."""
+    ck = tmp_path / "ck"
+    assert PT.main(["--model", "debug", *BASE, "--save", str(ck)]) == 0
+    before = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(SystemExit, match=r"--save .* already holds checkpoints of another model config .*num_layers"):
+        PT.main(["--model", "debug", "--num-layers", "1", *BASE, "--save", str(ck)])
+    assert sorted(p.name for p in ck.iterdir()) == before
+    assert PT.main(["--model", "debug", *BASE, "--train-iters", "3", "--save", str(ck), "--load", str(ck)]) == 0

@@ -146,3 +146,61 @@ def test_flops_per_token_formula():
     cfg = _model().config
     n = cfg.num_params(embeddings=False)
     assert flops_per_token(cfg, 128) == 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128
+
+
+def _nan_from(first_bad: int, last_bad: int = 10**9):
+    """A micro-batch hook that makes the loss NaN for the steps numbered first_bad..last_bad
+    (one micro-batch per step); the stored params are never touched."""
+    def hook(params, index):
+        if index is None or not first_bad <= index <= last_bad:
+            return params
+        w = params["embed"]["weight"]
+        return {**params, "embed": {**params["embed"], "weight": w * float("nan")}}
+    return hook
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
+    from pmodel.train import NonFiniteError
+    model = _model()
+    step = train_step(model, optim.adamw(1e-3), micro_batch_hook=_nan_from(2))
+    params = pmodel.init(model, seed=0)
+    opt_state = step.init(params)
+    batches = [_batch(model.config, seed=i) for i in range(10)]
+    good = {}
+    saved = []
+
+    def save(st, p, o):
+        saved.append((st.step, all(bool(torch.isfinite(t).all()) for t in tree.leaves(p))))
+        return None
+
+    lines = []
+    orig_step = step
+
+    def spy(p, o, b):
+        p, o, m = orig_step(p, o, b)
+        if not m["nonfinite"]:
+            good["params"] = _clone(p)
+        return p, o, m
+    with pytest.raises(NonFiniteError, match=r"non-finite for 3 consecutive steps"):
+        train(spy, params, opt_state, lambda s: iter(batches), save=save, log=lines.append,
+              loop=LoopConfig(train_iters=10, log_interval=1, save_interval=1, progress=False,
+                              max_nonfinite_steps=3))
+    # Steps 1, 2 trained; 3, 4, 5 were non-finite: skipped (the params are those after step 2),
+    # and the run stopped at 5 without saving anything after step 2.
+    assert sum("update skipped" in x for x in lines) == 3, lines
+    assert saved == [(1, True), (2, True)], saved
+    for (k, a), (_, b) in zip(tree.paths(params), tree.paths(good["params"])):
+        assert torch.equal(a, b), k
+    assert all(bool(torch.isfinite(t).all()) for t in tree.leaves(params))
+
+
+def test_isolated_nonfinite_step_is_skipped_and_the_run_goes_on():
+    model = _model()
+    step = train_step(model, optim.adamw(1e-3), micro_batch_hook=_nan_from(1, 1))
+    params = pmodel.init(model, seed=0)
+    batches = [_batch(model.config, seed=i) for i in range(4)]
+    _, _, st, hist = train(step, params, step.init(params), lambda s: iter(batches), log=lambda s: None,
+                           loop=LoopConfig(train_iters=4, log_interval=1, progress=False, max_nonfinite_steps=1 + 1))
+    assert st.step == 4
+    assert [h["skipped"] for h in hist] == [0, 1, 0, 0]
+    assert all(bool(torch.isfinite(t).all()) for t in tree.leaves(params))

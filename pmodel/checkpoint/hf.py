@@ -9,6 +9,7 @@ tensors from ``model.safetensors`` or the shards listed in ``model.safetensors.i
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,28 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def _check_size_against_disk(d: Path, cfg, files: dict) -> None:
+    """Refuse a config that declares far more parameters than the weights on disk hold (a broken or
+    hostile ``config.json``, e.g. ``num_hidden_layers: 1e9``), before any declaration is built: the
+    count is taken from one and two layers and extrapolated, the disk size from the safetensors
+    headers (no tensor is read)."""
+    one = cfg.replace(num_layers=1).num_params()
+    per_layer = cfg.replace(num_layers=2).num_params() - one
+    declared = one + (cfg.num_layers - 1) * per_layer
+    on_disk = 0
+    for f in sorted(set(files.values())):
+        try:
+            with safe_open(f, framework="pt") as h:
+                on_disk += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+            raise ValueError(f"{f}: cannot be read as safetensors ({e}; a truncated file?)") from None
+    # Slack for what the disk may lack or hold extra: a padded vocabulary, a tied output layer.
+    if declared > 2 * on_disk + 10 * cfg.padded_vocab_size * cfg.hidden_size:
+        raise ValueError(f"{d / 'config.json'}: describes {declared:,} parameters ({cfg.num_layers} layers, hidden "
+                         f"{cfg.hidden_size}) but the safetensors files hold {on_disk:,} values; refusing to build "
+                         "the model (a wrong or corrupted config.json?)")
+
+
 def read_safetensors_index(d: Path) -> dict[str, Path]:
     """HF key -> file for a checkpoint folder (single file or sharded index)."""
     if (d / INDEX).exists():
@@ -35,9 +58,20 @@ def read_safetensors_index(d: Path) -> dict[str, Path]:
             wm = json.loads((d / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{d / INDEX}: expected JSON with a 'weight_map' object ({e})") from None
-        return {k: d / f for k, f in wm.items()}
+        base = d.resolve()
+        out = {}
+        for k, f in wm.items():
+            p = (base / str(f)).resolve()
+            if not isinstance(f, str) or base not in p.parents:
+                raise ValueError(f"{d / INDEX}: weight_map[{k!r}] = {f!r} leaves the folder {d} (refused)")
+            out[k] = d / f
+        return out
     if (d / SINGLE).exists():
-        with safe_open(d / SINGLE, framework="pt") as f:
+        try:
+            f = safe_open(d / SINGLE, framework="pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+            raise ValueError(f"{d / SINGLE}: cannot be read as safetensors ({e}; a truncated file?)") from None
+        with f:
             return {k: d / SINGLE for k in f.keys()}
     found = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
     if any(n.endswith((".bin", ".pt", ".pth")) for n in found):
@@ -83,10 +117,11 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     fam, cfg = families.config_from_hf(d)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
+    files = read_safetensors_index(d)
+    _check_size_against_disk(d, cfg, files)  # before building any declaration
     model = build(cfg, kernels, family=fam.name)
     if check_tokenizer:
         _check_tokenizer(d, cfg.vocab_size)
-    files = read_safetensors_index(d)
 
     decls = dict(tree.paths(model.defs, is_leaf=is_decl))
     layout = fam.tensors
@@ -109,9 +144,12 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     def read(key: str) -> torch.Tensor:
         bar.update(1)
         f = files[key]
-        if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
-        return handles[f].get_tensor(key)
+        try:
+            if f not in handles:
+                handles[f] = safe_open(f, framework="pt")
+            return handles[f].get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+            raise ValueError(f"{f}: cannot read tensor {key!r} ({e}; a truncated or missing file?)") from None
 
     try:
         flat = layout.from_hf(cfg, decls, read, where=str(d))

@@ -263,14 +263,21 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
         if k not in cfg:
             raise ValueError(f"{cfg_file}: missing key {k!r}")
     mods: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(w_file, framework="pt") as f:
+    try:
+        f = safe_open(w_file, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+        raise ValueError(f"{w_file}: cannot be read as safetensors ({e}; a truncated file?)") from None
+    with f:
         for key in f.keys():
             m = _KEY.match(key)
             if not key.startswith(_PREFIX) or m is None:
                 raise ValueError(f"{w_file.name}: unexpected tensor {key!r}; expected "
                                  f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
             module = m["module"][len(_PREFIX):]
-            mods.setdefault(module, {})[m["which"]] = f.get_tensor(key)
+            try:
+                mods.setdefault(module, {})[m["which"]] = f.get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{w_file}: cannot read tensor {key!r} ({e}; a truncated file?)") from None
     for module, ab in mods.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{w_file.name}: module {module!r} has only lora_{''.join(ab)}")

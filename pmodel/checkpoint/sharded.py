@@ -14,7 +14,8 @@ Layout of a checkpoint root::
       latest                    text: the newest complete checkpoint's folder name
       iter_0000010/
         manifest.json           format, step, world size, mesh sizes, model config, data position,
-                                non-tensor state, extra metadata (written last)
+                                non-tensor state, extra metadata, the sha256 of every file
+                                ("files"; verified on load, ``verify=False`` skips it) (written last)
         rank_00000.safetensors  this rank's pieces ("params/<path>", "state/<path>", "rng/...")
         rank_00000.json         the index of those pieces + this rank's python / numpy RNG state
 
@@ -46,8 +47,8 @@ import torch
 from safetensors import safe_open
 
 from .. import tree
-from .state import (LATEST, CheckpointError, _fsync_path, _write_safetensors, capture_rng, config_diff, latest,
-                    restore_rng)
+from .state import (LATEST, CheckpointError, _fsync_path, _write_safetensors, capture_rng, config_diff, inside,
+                    latest, restore_rng, sha256_file)
 
 __all__ = ["FORMAT", "LeafSpec", "Writer", "save", "load", "latest", "CheckpointError", "FullCheckpoint", "read_full",
            "write_full"]
@@ -201,7 +202,8 @@ def save(root, step: int, *, params, opt_state=None, specs: dict[str, LeafSpec] 
     _write_safetensors(stem.with_suffix(".safetensors"), tensors)
     if on_file_written is not None:
         on_file_written(stem.with_suffix(".safetensors"))
-    (stem.with_suffix(".json")).write_text(json.dumps({"rank": rank, "pieces": index, "rng": rng_meta}))
+    (stem.with_suffix(".json")).write_text(json.dumps({"rank": rank, "pieces": index, "rng": rng_meta,
+                                                       "sha256": sha256_file(stem.with_suffix(".safetensors"))}))
     _fsync_path(stem.with_suffix(".json"))
     if on_file_written is not None:
         on_file_written(stem.with_suffix(".json"))
@@ -219,7 +221,13 @@ def _commit(root: Path, tmp: Path, folder: str, manifest: dict, keep_last: int |
     """Write the manifest into ``tmp``, rename it to ``root/folder`` and move ``latest`` (the
     atomic end of every save: a crash before the rename leaves the previous checkpoint)."""
     final = root / folder
-    man = {"format": FORMAT, "version": VERSION, **manifest}
+    files = {}  # every file's sha256: the rank indexes' own, and the data files' from their index
+    for f in sorted(tmp.glob("rank_*.json")):
+        files[f.name] = sha256_file(f)
+        sha = json.loads(f.read_text()).get("sha256")
+        if sha:
+            files[f.with_suffix(".safetensors").name] = sha
+    man = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
     (tmp / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
     _fsync_path(tmp / "manifest.json")
     _fsync_path(tmp)
@@ -247,33 +255,66 @@ def _commit(root: Path, tmp: Path, folder: str, manifest: dict, keep_last: int |
 class _Source:
     """The pieces of a checkpoint, by what they belong to, with lazily opened files."""
 
-    def __init__(self, d: Path):
+    def __init__(self, d: Path, checksums: dict | None = None):
+        """``checksums``: the manifest's ``{file name: sha256}`` to verify each file against before
+        it is read (None: no verification, or a checkpoint written before checksums existed)."""
         self.d = d
         self.by: dict[tuple, list] = {}
         self.rank_meta: dict[int, dict] = {}
         self._handles: dict[Path, Any] = {}
+        self._sums = checksums
         files = sorted(d.glob("rank_*.json"))
         if not files:
             raise CheckpointError(f"{d}: no rank_*.json piece indexes (not a {FORMAT} checkpoint?)")
         for f in files:
-            meta = json.loads(f.read_text())
+            self._verify(f)
+            try:
+                meta = json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: not a readable piece index ({e})") from None
             st = f.with_suffix(".safetensors")
-            self.rank_meta[int(meta["rank"])] = {"file": st, "rng": meta.get("rng", {})}
-            for e in meta["pieces"]:
-                e = dict(e, file=st)
-                if e["kind"] == "params":
-                    k = ("params", e["param"])
-                elif e["kind"] == "state":
-                    k = ("state", e["key"], e["param"])
-                else:
-                    k = ("global", e["key"])
-                self.by.setdefault(k, []).append(e)
+            try:
+                self.rank_meta[int(meta["rank"])] = {"file": st, "rng": meta.get("rng", {})}
+                for e in meta["pieces"]:
+                    e = dict(e, file=st)
+                    if e["kind"] == "params":
+                        k = ("params", e["param"])
+                    elif e["kind"] == "state":
+                        k = ("state", e["key"], e["param"])
+                    else:
+                        k = ("global", e["key"])
+                    self.by.setdefault(k, []).append(e)
+            except KeyError as ex:
+                raise CheckpointError(f"{f}: missing key {ex.args[0]!r} (a damaged piece index)") from None
+            except (TypeError, ValueError) as ex:
+                raise CheckpointError(f"{f}: malformed piece index ({ex})") from None
+
+    def _verify(self, f: Path) -> None:
+        if self._sums is None:
+            return
+        want = self._sums.get(f.name)
+        if want is None:
+            raise CheckpointError(f"{f}: not listed in {self.d / 'manifest.json'}'s checksums (a stray or "
+                                  "replaced file?)")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (the manifest lists it)")
+        got = sha256_file(f)
+        if got != want:
+            raise CheckpointError(f"{f}: corrupted: its sha256 is {got[:16]}..., the manifest records "
+                                  f"{want[:16]}... (load with checksum verification off to read it anyway)")
 
     def tensor(self, e: dict) -> torch.Tensor:
         f = e["file"]
         if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(e["name"])
+            self._verify(f)
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as ex:  # noqa: BLE001 - safetensors raises its own types
+                raise CheckpointError(f"{f}: cannot be read as safetensors ({ex}; a truncated file?)") from None
+        try:
+            return self._handles[f].get_tensor(e["name"])
+        except Exception as ex:  # noqa: BLE001
+            raise CheckpointError(f"{f}: cannot read tensor {e['name']!r} ({ex}; a truncated file?)") from None
 
     def assemble(self, key: tuple, shape: tuple, box: tuple, what: str) -> torch.Tensor:
         """The global tensor for ``key`` with at least ``box`` (target slices) filled."""
@@ -311,7 +352,7 @@ class _Source:
 def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = None,
          piece_of: Callable[[str, torch.Tensor], tuple | None] | None = None, rank: int = 0, world: int = 1,
          mesh_sizes: dict | None = None, config: dict | None = None, path: str | os.PathLike | None = None,
-         restore_rng_state: bool = True, cast_dtype: bool = False):
+         restore_rng_state: bool = True, cast_dtype: bool = False, verify: bool = True):
     """Fill ``params`` / ``opt_state`` (templates: this rank's freshly built tensors) in place from
     the latest checkpoint under ``root`` (or the folder ``path``), under any layout.
 
@@ -319,7 +360,8 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
     that checkpoint folder instead of the latest; ``restore_rng_state=False`` leaves the RNGs
     alone (e.g. to evaluate a checkpoint mid-run); ``cast_dtype=True`` accepts a checkpoint whose
     config differs from ``config`` only in ``dtype`` (parameters are cast on load, as Megatron
-    loads an fp16 checkpoint into a bf16 run; fp32 optimizer state is unaffected).
+    loads an fp16 checkpoint into a bf16 run; fp32 optimizer state is unaffected); ``verify=False``
+    skips checking each file this rank reads against the sha256 the manifest records.
 
     Returns:
       ``(params, opt_state, manifest)`` (the manifest gains ``"dir"``, ``"rng_restored"``,
@@ -336,9 +378,7 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
     mf = d / "manifest.json"
     if not mf.is_file():
         raise CheckpointError(f"{d}: no manifest.json (an interrupted save, or not a {FORMAT} checkpoint)")
-    man = json.loads(mf.read_text())
-    if man.get("format") != FORMAT:
-        raise CheckpointError(f"{mf} is a {man.get('format')!r} checkpoint, not {FORMAT!r}")
+    man = _read_manifest(mf)
     diff = config_diff(man.get("config"), config)
     cast_from = None
     if cast_dtype and diff and all(x.startswith("dtype:") for x in diff):
@@ -347,7 +387,7 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
         raise CheckpointError(f"{mf} was saved for another model config; differing fields: " + "; ".join(diff))
     specs = specs if specs is not None else full_specs(params)
     piece_of = piece_of or (lambda p, t: None)
-    src = _Source(d)
+    src = _Source(d, _checksums(man, mf) if verify else None)
     leaves = dict(tree.paths(params))
     paths = [p for p, t in leaves.items() if isinstance(t, torch.Tensor)]
     with torch.no_grad():
@@ -401,6 +441,8 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
     restored = False
     if restore_rng_state and same and rank in src.rank_meta:
         f = src.rank_meta[rank]["file"]
+        if f not in src._handles:
+            src._verify(f)
         with safe_open(str(f), framework="pt") as h:
             rng_t = {k[len("rng/"):]: h.get_tensor(k) for k in h.keys() if k.startswith("rng/")}
         # A converted checkpoint (write_full) carries no RNG state: nothing to restore.
@@ -410,6 +452,38 @@ def load(root, *, params, opt_state=None, specs: dict[str, LeafSpec] | None = No
             restored = True
     man = dict(man, dir=str(d), rng_restored=restored, same_layout=same, cast_from=cast_from)
     return params, opt_state, man
+
+
+_MANIFEST_KEYS = ("format", "step", "world_size", "mesh", "config", "data", "scalars", "extra")
+
+
+def _read_manifest(mf: Path) -> dict:
+    """The manifest, refused (naming the file and the key) when unreadable or incomplete."""
+    try:
+        man = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mf}: not a readable manifest ({e})") from None
+    if not isinstance(man, dict):
+        raise CheckpointError(f"{mf}: expected a JSON object")
+    if man.get("format") != FORMAT:
+        raise CheckpointError(f"{mf} is a {man.get('format')!r} checkpoint, not {FORMAT!r}")
+    missing = [k for k in _MANIFEST_KEYS if k not in man]
+    if missing:
+        raise CheckpointError(f"{mf}: missing key(s) {missing} (a damaged or hand-edited manifest)")
+    return man
+
+
+def _checksums(man: dict, mf: Path) -> dict | None:
+    """The manifest's ``{file name: sha256}`` (None for a checkpoint written before checksums),
+    each name refused if it is not a plain file name of the checkpoint folder."""
+    files = man.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{mf}: 'files' must be an object of file name -> sha256")
+    for name in files:
+        inside(mf.parent, name, str(mf))
+    return files
 
 
 def _keys(src: _Source) -> list[str]:
@@ -437,12 +511,13 @@ class FullCheckpoint:
     manifest: dict = dataclasses.field(default_factory=dict)
 
 
-def read_full(path, *, state: bool = True) -> FullCheckpoint:
+def read_full(path, *, state: bool = True, verify: bool = True) -> FullCheckpoint:
     """Assemble every leaf of a checkpoint into whole tensors, whatever layout wrote it.
 
     Args:
       path: a checkpoint folder (``iter_*``) or a root (its latest checkpoint).
       state: also read the optimizer state (False: params only).
+      verify: check every file against the sha256 its manifest records.
 
     Returns:
       a :class:`FullCheckpoint` (``manifest`` gains ``"dir"``).
@@ -454,10 +529,8 @@ def read_full(path, *, state: bool = True) -> FullCheckpoint:
     d = p if (p / "manifest.json").is_file() else latest(p)
     if d is None:
         raise CheckpointError(f"{p}: no {FORMAT} checkpoint here (no manifest.json, no latest)")
-    man = json.loads((d / "manifest.json").read_text())
-    if man.get("format") != FORMAT:
-        raise CheckpointError(f"{d / 'manifest.json'} is a {man.get('format')!r} checkpoint, not {FORMAT!r}")
-    src = _Source(d)
+    man = _read_manifest(d / "manifest.json")
+    src = _Source(d, _checksums(man, d / "manifest.json") if verify else None)
     out = FullCheckpoint(params={}, manifest=dict(man, dir=str(d)), scalars=dict(man.get("scalars", {})))
     for k, entries in sorted(src.by.items()):
         if k[0] == "global":
@@ -537,7 +610,8 @@ def write_full(root, step: int, ck: FullCheckpoint, rank_specs: list[dict[str, L
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         stem = tmp / f"rank_{rank:05d}"
         _write_safetensors(stem.with_suffix(".safetensors"), tensors)
-        stem.with_suffix(".json").write_text(json.dumps({"rank": rank, "pieces": index, "rng": {}}))
+        stem.with_suffix(".json").write_text(json.dumps({"rank": rank, "pieces": index, "rng": {},
+                                                         "sha256": sha256_file(stem.with_suffix(".safetensors"))}))
         _fsync_path(stem.with_suffix(".json"))
         del tensors
     missing = sorted(set(ck.params) - written)

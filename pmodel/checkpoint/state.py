@@ -6,6 +6,7 @@ run) is :mod:`pmodel.checkpoint.sharded`, built on these. Nothing is ever unpick
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -77,13 +78,42 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _fsync_path(path)
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes (read in chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def inside(root: str | os.PathLike, name: str, what: str) -> Path:
+    """``root / name`` resolved, refused (:class:`CheckpointError`) when it leaves ``root``
+    (``../x``, an absolute path, a link pointing out): every path read from a manifest, pointer or
+    index goes through this."""
+    base = Path(root).resolve()
+    p = (base / name).resolve()
+    if p != base and base not in p.parents:
+        raise CheckpointError(f"{what}: the path {name!r} leaves the folder {Path(root)} (refused)")
+    return p
+
+
 def latest(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under ``root`` (per ``latest``; if that names a folder
-    that is gone, the highest complete ``iter_*``), or None."""
+    that is gone, the highest complete ``iter_*``), or None.
+
+    Raises:
+      CheckpointError: the ``latest`` pointer names a path outside ``root``.
+    """
     root = Path(root)
     ptr = root / LATEST
     if ptr.exists():
-        d = root / ptr.read_text().strip()
+        name = ptr.read_text().strip()
+        inside(root, name, str(ptr))
+        d = root / name
         if (d / "manifest.json").exists():
             return d
     done = sorted(d for d in root.glob("iter_*") if (d / "manifest.json").exists())

@@ -215,10 +215,16 @@ def read_records(path: str | Path) -> list:
     """The records of a raw instruction file: a ``.json`` array or ``.jsonl`` lines.
 
     Raises:
-      ValueError: naming the file and line of invalid JSON, or a ``.json`` that is not an array.
+      ValueError: naming the file and line of invalid JSON or of bytes that are not UTF-8, or a
+        ``.json`` that is not an array.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -252,7 +258,7 @@ class Examples:
 
 def encode_examples(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: ChatTemplate | str, *,
                     style: str = "alpaca", map_keys: Mapping[str, str] | None = None,
-                    seq_length: int | None = None) -> tuple[Examples, dict[str, int]]:
+                    seq_length: int | None = None, rejects: list | None = None) -> tuple[Examples, dict[str, int]]:
     """Tokenise and shift raw records into training examples, counting what is skipped.
 
     Args:
@@ -260,25 +266,31 @@ def encode_examples(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, 
         :func:`encode_record`.
       seq_length: training positions per example at most (later turns are dropped; a record
         whose first exchange is longer is skipped as ``too_long``).
+      rejects: when given, ``(record index, reason, message)`` of each skipped record is appended.
 
     Returns:
       ``(examples, skipped)``; ``skipped`` counts records by reason (a :class:`RecordError`
       reason, ``too_long`` or ``no_response_tokens``); nothing is dropped without a count.
     """
     examples, skipped = [], {}
-    for rec in records:
+
+    def skip(i: int, reason: str, msg: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if rejects is not None:
+            rejects.append((i, reason, msg))
+    for i, rec in enumerate(records):
         try:  # +1: shifting drops one token
             r = encode_record(rec, tokenizer, template, style=style, map_keys=map_keys,
                               max_len=seq_length + 1 if seq_length is not None else None)
         except RecordError as e:
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            skip(i, e.reason, str(e))
             continue
         if r is None:
-            skipped["too_long"] = skipped.get("too_long", 0) + 1
+            skip(i, "too_long", f"the first exchange is longer than seq_length {seq_length}")
             continue
         ex = shift_example(r.ids, r.labels)
         if ex["loss_mask"].sum() == 0:
-            skipped["no_response_tokens"] = skipped.get("no_response_tokens", 0) + 1
+            skip(i, "no_response_tokens", "no response token to train on")
             continue
         examples.append(ex)
     return Examples(examples), skipped

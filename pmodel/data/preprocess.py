@@ -314,7 +314,14 @@ def iter_input_files(inputs, *, streaming: bool = False) -> list[Path]:
             continue
         p = Path(s)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _format(f)[0] in _FORMATS)
+            every = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            files = [f for f in every if _format(f)[0] in _FORMATS]
+            other = [str(f.relative_to(p)) for f in every if _format(f)[0] not in _FORMATS]
+            if other:
+                raise PreprocessError(
+                    f"input {p}: {len(other)} file(s) of unsupported types in the directory: "
+                    f"{', '.join(other[:10])}{' ...' if len(other) > 10 else ''}; expected {'/'.join(_FORMATS)}, "
+                    f"optionally followed by {'/'.join(_COMPRESSIONS)} (give the files or a glob pattern instead)")
             if not files:
                 raise PreprocessError(f"input {p}: no {'/'.join(_FORMATS)} files in the directory")
             out += files

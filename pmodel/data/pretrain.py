@@ -14,7 +14,8 @@ for each epoch ``e``:
 Global sample ``i`` is sample ``shuffle[i % n]`` of epoch ``i // n``, so any position can be
 read directly: resuming training from ``consumed_samples`` needs nothing else. Indices are
 cached next to the data as ``.npy`` files (``allow_pickle=False``) keyed by a hash of
-everything they depend on.
+everything they depend on: the dataset files' fingerprint (size and mtime of ``.bin`` / ``.idx``,
+sha256 of the ``.idx``), the document range, ``seq_length``, seed, shuffle and epoch.
 
 :class:`BlendedDataset` mixes datasets with weights using Megatron's deterministic greedy
 rule: sample ``i`` comes from the dataset whose realised share lags its weight the most.
@@ -168,11 +169,34 @@ class PretrainDataset:
         return self.samples_per_epoch
 
     # -- indices -------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        """What identifies the dataset files: size and mtime of ``.bin`` / ``.idx`` and the sha256
+        of the ``.idx`` (sequence lengths and documents), computed once per open dataset."""
+        fp = getattr(self.data, "_pmodel_fingerprint", None)
+        if fp is None:
+            fp = {}
+            for ext in (".bin", ".idx"):
+                st = os.stat(self.data.prefix + ext)
+                fp[ext] = [st.st_size, st.st_mtime_ns]
+            h = hashlib.sha256()
+            with open(self.data.prefix + ".idx", "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            fp["idx_sha256"] = h.hexdigest()
+            try:
+                self.data._pmodel_fingerprint = fp
+            except AttributeError:
+                pass
+        return fp
+
     def _cache_paths(self, epoch: int) -> Path:
+        # Keyed by the files' content and every parameter that shapes the indices: another corpus
+        # preprocessed into the same prefix, or other shaping parameters, get their own indices.
         key = json.dumps({
             "prefix": os.path.abspath(self.data.prefix), "seqs": [self._seq_start, self._seq_end],
+            "docs": list(self.doc_range), "files": self._fingerprint(),
             "tokens": self.tokens_per_epoch, "seq_length": self.config.seq_length,
-            "seed": self.config.seed, "shuffle": self.config.shuffle, "epoch": epoch, "v": 1,
+            "seed": self.config.seed, "shuffle": self.config.shuffle, "epoch": epoch, "v": 2,
         }, sort_keys=True)
         h = hashlib.sha1(key.encode()).hexdigest()[:16]
         base = Path(self.config.cache_dir) if self.config.cache_dir else Path(self.data.prefix).parent

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import types
 from pathlib import Path
 from typing import Callable
@@ -139,10 +140,73 @@ def read_hf_config(path: str | Path) -> dict:
         raise ValueError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
+# config.json fields checked before anything is built: (kind, lower bound, upper bound, may be null).
+# The upper bounds are far above any released model and keep a hostile file from making pmodel
+# declare parameters without bound.
+_SIZE, _COUNT = 1 << 22, 1 << 16
+_HF_FIELDS = {
+    **{k: ("int", 1, 1 << 26, False) for k in ("vocab_size",)},
+    **{k: ("int", 1, 1 << 26, True) for k in ("padded_vocab_size",)},
+    **{k: ("int", 1, _SIZE, False) for k in ("hidden_size", "n_embd", "n_embed")},
+    **{k: ("int", 1, _SIZE, True) for k in ("intermediate_size", "n_inner", "ffn_hidden_size", "head_dim",
+                                              "kv_channels", "max_position_embeddings", "n_positions",
+                                              "seq_length", "sliding_window", "model_max_length")},
+    **{k: ("int", 1, _COUNT, False) for k in ("num_hidden_layers", "n_layer", "num_layers", "num_attention_heads",
+                                                "n_head")},
+    **{k: ("int", 1, _COUNT, True) for k in ("num_key_value_heads", "multi_query_group_num", "num_local_experts",
+                                               "num_experts_per_tok", "max_window_layers",
+                                               "make_vocab_size_divisible_by")},
+    **{k: ("float", 0.0, None, True) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+                                                 "layernorm_epsilon", "rope_theta", "rotary_emb_base",
+                                                 "initializer_range", "rotary_pct", "router_aux_loss_coef")},
+    **{k: ("bool", None, None, True) for k in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
+}
+
+
+def check_hf_config(d: dict, where: str = "config.json") -> None:
+    """Refuse wrong types and out-of-range values of the size fields of an HF ``config.json``
+    (``ValueError`` naming the field and ``where``), before anything is built from it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    for k, (kind, lo, hi, nullable) in _HF_FIELDS.items():
+        if k not in d:
+            continue
+        v = d[k]
+        if v is None:
+            if nullable:
+                continue
+            raise ValueError(f"{where}: field {k!r} is null; expected {'an integer' if kind == 'int' else kind}")
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: field {k!r} = {v!r} must be true or false")
+            continue
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{where}: field {k!r} = {v!r} must be an integer")
+            if v < lo or v > hi:
+                raise ValueError(f"{where}: field {k!r} = {v} is outside [{lo}, {hi}]")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{where}: field {k!r} = {v!r} must be a finite number")
+            if v < lo:
+                raise ValueError(f"{where}: field {k!r} = {v} must be >= {lo}")
+
+
 def config_from_hf(path: str | Path | dict) -> tuple[Family, ModelConfig]:
-    """``(family, ModelConfig)`` from an HF checkpoint dir, a config.json path or its dict."""
+    """``(family, ModelConfig)`` from an HF checkpoint dir, a config.json path or its dict.
+
+    Raises:
+      ValueError: a field of the wrong type or out of range (naming the field and the file),
+        no ``model_type``, or settings pmodel does not implement.
+    """
     d = path if isinstance(path, dict) else read_hf_config(path)
+    where = "config.json" if isinstance(path, dict) else str(
+        Path(path) / "config.json" if Path(path).is_dir() else Path(path))
+    check_hf_config(d, where)
     if "model_type" not in d:
         raise ValueError(f"{path}: config.json has no 'model_type' key")
     fam = for_hf_type(d["model_type"])
-    return fam, fam.config_from_hf(d)
+    try:
+        return fam, fam.config_from_hf(d)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot read the {d['model_type']} config ({type(e).__name__}: {e})") from None

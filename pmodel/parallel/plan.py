@@ -388,15 +388,16 @@ class ParallelPlan:
                             config=config, data=data, extra=extra, keep_last=keep_last, writer=writer)
 
     def load_checkpoint(self, root, params, opt_state, *, config: dict | None = None, path=None,
-                        restore_rng_state: bool = True, cast_dtype: bool = False):
+                        restore_rng_state: bool = True, cast_dtype: bool = False, verify: bool = True):
         """Fill ``params`` / ``opt_state`` (None: params only) from the latest checkpoint under
         ``root`` (any layout); ``(params, opt_state, manifest)`` or None when there is none
-        (collective). ``restore_rng_state`` / ``cast_dtype``: as :func:`pmodel.checkpoint.sharded.load`."""
+        (collective). ``restore_rng_state`` / ``cast_dtype`` / ``verify``: as
+        :func:`pmodel.checkpoint.sharded.load`."""
         from ..checkpoint import sharded
         return sharded.load(root, params=params, opt_state=opt_state, specs=self.leaf_specs(params),
                             piece_of=self.state_pieces(params), rank=self.mesh.global_rank,
                             world=self.mesh.world_size, mesh_sizes=dict(self.mesh.sizes), config=config, path=path,
-                            restore_rng_state=restore_rng_state, cast_dtype=cast_dtype)
+                            restore_rng_state=restore_rng_state, cast_dtype=cast_dtype, verify=verify)
 
     def state_pieces(self, params) -> Callable[[str, torch.Tensor], tuple | None]:
         """For the reshardable checkpoint: ``(param_path, tensor) -> flat range or None`` of an
