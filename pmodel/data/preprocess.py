@@ -44,6 +44,7 @@ import os
 import queue
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -817,6 +818,19 @@ def _results(cfg: PreprocessConfig, tasks: Iterator[tuple], tokenizer: Tokenizer
                          daemon=True, name=f"preprocess-worker-{i}") for i in range(cfg.workers)]
     for p in procs:
         p.start()
+    # Results are read by a daemon thread into a local queue: a worker killed in the middle of
+    # writing a large result leaves a partial message that would block a reader forever, so the
+    # main loop never reads the pipe itself; it polls the local queue and watches the workers.
+    local: queue.Queue = queue.Queue()
+
+    def pump():
+        while True:
+            try:
+                local.put(outq.get())
+            except (EOFError, OSError, ValueError):  # the queue was closed: the run is over
+                return
+
+    threading.Thread(target=pump, daemon=True, name="preprocess-results").start()
     try:
         pending: dict[int, dict] = {}
         sent_tasks: dict[int, tuple] = {}
@@ -835,7 +849,7 @@ def _results(cfg: PreprocessConfig, tasks: Iterator[tuple], tokenizer: Tokenizer
             if done and next_out == sent:
                 break
             try:
-                seq, res = outq.get(timeout=0.5)
+                seq, res = local.get(timeout=0.5)
             except queue.Empty:
                 seq, res = None, None
             # Workers leave only on the end-of-work sentinel: any exit before it is a death (OOM
